@@ -1,0 +1,370 @@
+"""Loads /etc/speakerd/speakerd.toml into frozen dataclasses, naming file and key on every error."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from speakerd.errors import ConfigError
+
+DEFAULT_PATH = "/etc/speakerd/speakerd.toml"
+CREDENTIAL_NAME = "openai-key"
+
+# Wake-word models pyopen-wakeword ships in its wheel.
+BUILTIN_WAKE_WORDS = ("alexa", "hey_jarvis", "hey_mycroft", "hey_rhasspy", "okay_nabu")
+LED_NAMES = ("red", "green", "blue", "status")
+# BCM numbering on the 40-pin header.
+MAX_BCM_PIN = 27
+
+
+def _opt(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
+         choices: tuple[str, ...] = (), secret: bool = False) -> Any:
+    """A config field: default, unit/meaning, and the range or choices it must lie in."""
+    meta = {"doc": doc, "lo": lo, "hi": hi, "choices": choices, "secret": secret}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, slots=True)
+class AudioConfig:
+    capture_device: str = _opt("default", "ALSA PCM name of the microphone")
+    playback_device: str = _opt("default", "ALSA PCM name of the speaker")
+    mixer_control: str = _opt("PCM", 'ALSA mixer control for volume; "" disables')
+    mixer_device: str = _opt("", 'ALSA ctl device of that control; "" = the playback card')
+    playback_volume: float = _opt(0.8, "software gain before ALSA, 0.0-1.0", lo=0.0, hi=1.0)
+    follow_up_guard_ms: int = _opt(150, "ms the mic stays closed after the drain", lo=0, hi=5000)
+
+
+@dataclass(frozen=True, slots=True)
+class WakeWordConfig:
+    models: tuple[str, ...] = _opt(("hey_jarvis",), "built-in names or paths to .tflite files")
+    threshold: float = _opt(0.5, "detection score, 0-1 (exclusive of 0)", lo=0.01, hi=1.0)
+    refractory_seconds: float = _opt(2.0, "seconds after a detection with no new one",
+                                     lo=0.0, hi=60.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeConfig:
+    url: str = _opt("wss://api.openai.com/v1/realtime", "wss:// URL (ws:// only to loopback)")
+    model: str = _opt("gpt-realtime", "realtime model name")
+    api_key_file: str = _opt("", "file holding the API key; else the systemd credential "
+                                 "openai-key, else $OPENAI_API_KEY")
+    voice: str = _opt("marin", "voice of the spoken answers")
+    instructions: str = _opt("You are a helpful voice assistant. Keep answers short.",
+                             "system instructions for the model")
+    turn_detection: str = _opt("semantic_vad", "server-side turn detection",
+                               choices=("semantic_vad", "server_vad"))
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationConfig:
+    follow_up_seconds: float = _opt(8.0, "seconds of listening after an answer has played",
+                                    lo=0.0, hi=120.0)
+    max_session_seconds: float = _opt(600, "seconds before a conversation is ended",
+                                      lo=10.0, hi=86400.0)
+
+
+@dataclass(frozen=True, slots=True)
+class CuesConfig:
+    wake: bool = _opt(True, "play an earcon when the wake word is heard")
+    end: bool = _opt(True, "play an earcon when a conversation ends")
+
+
+@dataclass(frozen=True, slots=True)
+class LedsConfig:
+    pins: dict[str, int] = _opt({}, "BCM pin per LED: red/green/blue (RGB) or status")
+    active_high: bool = _opt(True, "true when a high pin lights the LED")
+
+
+@dataclass(frozen=True, slots=True)
+class ButtonsConfig:
+    mute: int = _opt(0, "BCM pin of the mute button; 0 disables", lo=0, hi=MAX_BCM_PIN)
+    talk: int = _opt(0, "BCM pin of the talk button; 0 disables", lo=0, hi=MAX_BCM_PIN)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = _opt("info", "journal verbosity",
+                      choices=("debug", "info", "warning", "error"))
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    audio: AudioConfig = field(default_factory=AudioConfig)
+    wake_word: WakeWordConfig = field(default_factory=WakeWordConfig)
+    realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
+    conversation: ConversationConfig = field(default_factory=ConversationConfig)
+    cues: CuesConfig = field(default_factory=CuesConfig)
+    leds: LedsConfig = field(default_factory=LedsConfig)
+    buttons: ButtonsConfig = field(default_factory=ButtonsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    path: str = DEFAULT_PATH
+
+
+# Field types are strings under `from __future__ import annotations`: name them here.
+_SECTION_TYPES = {"audio": AudioConfig, "wake_word": WakeWordConfig,
+                  "realtime": RealtimeConfig, "conversation": ConversationConfig,
+                  "cues": CuesConfig, "leds": LedsConfig, "buttons": ButtonsConfig,
+                  "log": LogConfig}
+
+
+def default_path(environ: Mapping[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get("SPEAKERD_CONFIG") or DEFAULT_PATH
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the config file; raises ConfigError naming file and key."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file (create it from the packaged "
+                          "config/speakerd.toml, or pass --config)") from None
+    except PermissionError:
+        raise ConfigError(path, "", f"not readable by uid {os.getuid()} "
+                          "(the file must be readable by the speakerd user)") from None
+    except IsADirectoryError:
+        raise ConfigError(path, "", "is a directory, not a TOML file") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, "", f"invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(path, "", f"not UTF-8 text: {e.reason} at byte {e.start}") from None
+    return from_dict(raw, path)
+
+
+def from_dict(raw: Mapping[str, Any], path: str = "<config>") -> Config:
+    _reject_unknown(raw, _SECTION_TYPES, path, "", "section")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTION_TYPES.items():
+        value = raw.get(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(path, name, f"must be a table ([{name}]), "
+                              f"not {_tname(value)}")
+        sections[name] = _section(cls, value, path, name)
+    config = Config(**sections, path=path)
+    _check_cross(config, path)
+    return config
+
+
+def _section(cls: type, raw: dict[str, Any], path: str, section: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(raw, fields, path, section + ".", "key")
+    values = {name: _value(f, raw[name], path, f"{section}.{name}")
+              for name, f in fields.items() if name in raw}
+    return cls(**values)
+
+
+def _reject_unknown(raw: Mapping[str, Any], known: Mapping[str, Any], path: str,
+                    prefix: str, what: str) -> None:
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1)
+            hint = (f"did you mean '{close[0]}'?" if close
+                    else "allowed: " + ", ".join(known))
+            raise ConfigError(path, prefix + key, f"unknown {what} ({hint})")
+
+
+def _value(f: dataclasses.Field[Any], value: Any, path: str, key: str) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    meta = f.metadata
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(path, key, f"must be true or false, not {_tname(value)}")
+        return value
+    if isinstance(default, (int, float)):
+        want_float = isinstance(default, float)
+        ok = isinstance(value, (int, float)) if want_float else isinstance(value, int)
+        if isinstance(value, bool) or not ok:
+            kind = "a number" if want_float else "a whole number"
+            raise ConfigError(path, key, f"must be {kind}, not {_tname(value)}")
+        lo, hi = meta["lo"], meta["hi"]
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(path, key, f"{value} is out of range ({lo:g} to {hi:g})")
+        return float(value) if want_float else value
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(path, key, f"must be a string, not {_tname(value)}")
+        if meta["choices"] and value not in meta["choices"]:
+            raise ConfigError(path, key, f"'{value}' is not allowed (one of: "
+                              + ", ".join(meta["choices"]) + ")")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(path, key, "must be a list of non-empty strings")
+        return tuple(value)
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(path, key, f"must be a table, not {_tname(value)}")
+        return dict(value)
+    raise AssertionError(f"no validator for {key}")  # a field type this module forgot
+
+
+def _check_cross(config: Config, path: str) -> None:
+    """Rules that span a key's own type: model names, URL scheme, pin clashes."""
+    ww = config.wake_word
+    if not ww.models:
+        raise ConfigError(path, "wake_word.models", "must name at least one model")
+    for name in ww.models:
+        if name in BUILTIN_WAKE_WORDS:
+            continue
+        if not name.endswith(".tflite"):
+            raise ConfigError(path, "wake_word.models", f"'{name}' is neither a built-in "
+                              "model (" + ", ".join(BUILTIN_WAKE_WORDS)
+                              + ") nor a path to a .tflite file")
+        if not os.access(name, os.R_OK):
+            raise ConfigError(path, "wake_word.models", f"model file {name} is missing or "
+                              "not readable (built-in models: "
+                              + ", ".join(BUILTIN_WAKE_WORDS) + ")")
+
+    url_error = check_realtime_url(config.realtime.url)
+    if url_error:
+        raise ConfigError(path, "realtime.url", url_error)
+    for key in ("model", "voice"):
+        if not getattr(config.realtime, key).strip():
+            raise ConfigError(path, f"realtime.{key}", "must not be empty")
+
+    pins = config.leds.pins
+    for name, pin in pins.items():
+        if name not in LED_NAMES:
+            raise ConfigError(path, f"leds.pins.{name}", "unknown LED (allowed: "
+                              + ", ".join(LED_NAMES) + ")")
+        if isinstance(pin, bool) or not isinstance(pin, int) or not 1 <= pin <= MAX_BCM_PIN:
+            raise ConfigError(path, f"leds.pins.{name}",
+                              f"must be a BCM pin number 1 to {MAX_BCM_PIN}")
+    if "status" in pins and len(pins) > 1:
+        raise ConfigError(path, "leds.pins", "use either status or red/green/blue, not both")
+    used: dict[int, str] = {}
+    buttons = {f"buttons.{n}": getattr(config.buttons, n) for n in ("mute", "talk")}
+    for key, pin in [*((f"leds.pins.{n}", p) for n, p in pins.items()), *buttons.items()]:
+        if pin == 0:
+            continue
+        if pin in used:
+            raise ConfigError(path, key, f"pin {pin} is already used by {used[pin]}")
+        used[pin] = key
+
+
+def check_realtime_url(url: str) -> str | None:
+    """Why `url` may not be used for the realtime socket, or None when it may."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        return f"'{url}' must be a ws:// or wss:// URL with a host"
+    if parts.scheme == "ws" and not _is_loopback(parts.hostname):
+        return (f"plain ws:// to {parts.hostname} would send the API key unencrypted; "
+                "use wss:// (ws:// is allowed only to a loopback address)")
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _tname(value: Any) -> str:
+    return {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+# --- the API key --------------------------------------------------------------
+
+class Secret:
+    """A string that never shows itself in repr, str or f-strings; `.reveal()` it to use it."""
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str) -> None:
+        self._value = value
+        self.source = source
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret(<{len(self._value)} chars from {self.source}>)"
+
+    __str__ = __repr__
+
+
+def resolve_api_key(config: Config, environ: Mapping[str, str] | None = None) -> Secret | None:
+    """The API key from realtime.api_key_file, the systemd credential or $OPENAI_API_KEY.
+
+    Returns None when none is configured. Raises ConfigError for a named key file
+    that is missing, empty, or readable by group or others.
+    """
+    env = os.environ if environ is None else environ
+    if config.realtime.api_key_file:
+        return _read_key_file(config.realtime.api_key_file, config.path,
+                              "realtime.api_key_file", check_mode=True)
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and os.path.exists(os.path.join(cred_dir, CREDENTIAL_NAME)):
+        # systemd made this file for this service alone; its mode is its business.
+        return _read_key_file(os.path.join(cred_dir, CREDENTIAL_NAME), config.path,
+                              f"credential {CREDENTIAL_NAME}", check_mode=False)
+    key = env.get("OPENAI_API_KEY", "").strip()
+    return Secret(key, "$OPENAI_API_KEY") if key else None
+
+
+def _read_key_file(key_path: str, path: str, key: str, *, check_mode: bool) -> Secret:
+    try:
+        st = os.stat(key_path)
+        if check_mode and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(path, key, f"{key_path} is readable by group or others "
+                              f"(mode {stat.S_IMODE(st.st_mode):04o}); run: "
+                              f"chmod 600 {key_path}")
+        text = Path(key_path).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(path, key, f"{key_path}: no such file") from None
+    except PermissionError:
+        raise ConfigError(path, key, f"{key_path}: not readable by uid {os.getuid()}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, key, f"{key_path}: not UTF-8 text") from None
+    except IsADirectoryError:
+        raise ConfigError(path, key, f"{key_path}: is a directory") from None
+    if not text:
+        raise ConfigError(path, key, f"{key_path} is empty")
+    return Secret(text, key_path)
+
+
+# --- showing it ----------------------------------------------------------------
+
+def to_toml(config: Config, api_key: Secret | None = None) -> str:
+    """The effective config as TOML, secrets masked, for `speakerd config --show`."""
+    lines = [f"# effective config from {config.path}"]
+    for name in _SECTION_TYPES:
+        lines.append(f"\n[{name}]")
+        section = getattr(config, name)
+        for f in dataclasses.fields(section):
+            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+    source = api_key.source if api_key else "none configured"
+    lines.append(f"\n# API key: {'****' if api_key else '(none)'} (from {source})")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(type(value))

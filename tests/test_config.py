@@ -1,0 +1,273 @@
+"""Config contract: defaults, every class of error naming file and key, key resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from speakerd import config
+from speakerd.errors import EX_CONFIG, ConfigError
+
+from .conftest import ROOT, clean_env, run_speakerd
+
+SHIPPED = ROOT / "config" / "speakerd.toml"
+
+
+class TestDefaults:
+    def test_empty_file_gives_every_documented_default(self, write_config):
+        c = config.load(write_config(""))
+        assert c.audio == config.AudioConfig(
+            capture_device="default", playback_device="default", mixer_control="PCM",
+            mixer_device="", playback_volume=0.8, follow_up_guard_ms=150)
+        assert c.wake_word == config.WakeWordConfig(("hey_jarvis",), 0.5, 2.0)
+        assert c.realtime.url == "wss://api.openai.com/v1/realtime"
+        assert c.realtime.model == "gpt-realtime"
+        assert c.realtime.voice == "marin"
+        assert c.realtime.turn_detection == "semantic_vad"
+        assert c.conversation == config.ConversationConfig(8.0, 600.0)
+        assert c.cues == config.CuesConfig(True, True)
+        assert c.leds == config.LedsConfig({}, True)
+        assert c.buttons == config.ButtonsConfig(0, 0)
+        assert c.log.level == "info"
+
+    def test_shipped_file_lists_every_key_with_its_default(self):
+        raw = tomllib.loads(SHIPPED.read_text())
+        defaults = config.Config()
+        for section in dataclasses.fields(defaults):
+            if section.name == "path":
+                continue
+            want = {f.name: getattr(getattr(defaults, section.name), f.name)
+                    for f in dataclasses.fields(getattr(defaults, section.name))}
+            got = raw[section.name]
+            assert set(got) == set(want), section.name
+            for key, value in got.items():
+                value = tuple(value) if isinstance(value, list) else value
+                assert value == want[key], f"{section.name}.{key}"
+
+    def test_shipped_file_passes_config_check(self):
+        r = run_speakerd("config", "--check", "--config", str(SHIPPED))
+        assert (r.returncode, r.stdout.strip()) == (0, f"{SHIPPED}: OK")
+
+    def test_config_path_comes_from_environment(self, write_config):
+        path = write_config("[log]\nlevel = 'debug'\n")
+        r = run_speakerd("config", "--show", env=clean_env(SPEAKERD_CONFIG=str(path)))
+        assert r.returncode == 0
+        assert f"# effective config from {path}" in r.stdout
+        assert 'level = "debug"' in r.stdout
+
+    def test_ints_are_accepted_where_numbers_are_due(self, write_config):
+        c = config.load(write_config("[conversation]\nfollow_up_seconds = 5\n"))
+        assert c.conversation.follow_up_seconds == 5.0
+        assert isinstance(c.conversation.follow_up_seconds, float)
+
+
+BAD = [
+    ("[wake_word]\ntreshold = 0.3\n", "wake_word.treshold",
+     "unknown key (did you mean 'threshold'?)"),
+    ("[wakeword]\n", "wakeword", "unknown section (did you mean 'wake_word'?)"),
+    ("[zzz]\n", "zzz", "unknown section (allowed: audio, wake_word, realtime, conversation, "
+     "cues, leds, buttons, log)"),
+    ("audio = 3\n", "audio", "must be a table ([audio]), not an integer"),
+    ("[wake_word]\nthreshold = 'high'\n", "wake_word.threshold", "must be a number, not a string"),
+    ("[wake_word]\nthreshold = 1.5\n", "wake_word.threshold", "1.5 is out of range (0.01 to 1)"),
+    ("[wake_word]\nthreshold = true\n", "wake_word.threshold", "must be a number, not a boolean"),
+    ("[audio]\nfollow_up_guard_ms = 1.5\n", "audio.follow_up_guard_ms",
+     "must be a whole number, not a number"),
+    ("[audio]\nfollow_up_guard_ms = -1\n", "audio.follow_up_guard_ms",
+     "-1 is out of range (0 to 5000)"),
+    ("[audio]\nplayback_volume = 1.01\n", "audio.playback_volume",
+     "1.01 is out of range (0 to 1)"),
+    ("[audio]\ncapture_device = 2\n", "audio.capture_device", "must be a string, not an integer"),
+    ("[cues]\nwake = 'yes'\n", "cues.wake", "must be true or false, not a string"),
+    ("[log]\nlevel = 'verbose'\n", "log.level",
+     "'verbose' is not allowed (one of: debug, info, warning, error)"),
+    ("[realtime]\nturn_detection = 'vad'\n", "realtime.turn_detection",
+     "'vad' is not allowed (one of: semantic_vad, server_vad)"),
+    ("[realtime]\nurl = 'https://api.openai.com/v1/realtime'\n", "realtime.url",
+     "'https://api.openai.com/v1/realtime' must be a ws:// or wss:// URL with a host"),
+    ("[realtime]\nurl = 'ws://example.com/v1/realtime'\n", "realtime.url",
+     "plain ws:// to example.com would send the API key unencrypted; use wss:// "
+     "(ws:// is allowed only to a loopback address)"),
+    ("[realtime]\nmodel = ' '\n", "realtime.model", "must not be empty"),
+    ("[conversation]\nmax_session_seconds = 5\n", "conversation.max_session_seconds",
+     "5 is out of range (10 to 86400)"),
+    ("[wake_word]\nmodels = []\n", "wake_word.models", "must name at least one model"),
+    ("[wake_word]\nmodels = 'hey_jarvis'\n", "wake_word.models",
+     "must be a list of non-empty strings"),
+    ("[wake_word]\nmodels = ['hey_siri']\n", "wake_word.models",
+     "'hey_siri' is neither a built-in model (alexa, hey_jarvis, hey_mycroft, hey_rhasspy, "
+     "okay_nabu) nor a path to a .tflite file"),
+    ("[wake_word]\nmodels = ['/nonexistent/x.tflite']\n", "wake_word.models",
+     "model file /nonexistent/x.tflite is missing or not readable (built-in models: alexa, "
+     "hey_jarvis, hey_mycroft, hey_rhasspy, okay_nabu)"),
+    ("[leds]\npins = { purple = 5 }\n", "leds.pins.purple",
+     "unknown LED (allowed: red, green, blue, status)"),
+    ("[leds]\npins = { red = 40 }\n", "leds.pins.red", "must be a BCM pin number 1 to 27"),
+    ("[leds]\npins = { red = 5, status = 6 }\n", "leds.pins",
+     "use either status or red/green/blue, not both"),
+    ("[leds]\npins = { red = 5 }\n[buttons]\nmute = 5\n", "buttons.mute",
+     "pin 5 is already used by leds.pins.red"),
+    ("[buttons]\ntalk = 28\n", "buttons.talk", "28 is out of range (0 to 27)"),
+]
+
+
+class TestErrors:
+    @pytest.mark.parametrize(("text", "key", "reason"), BAD, ids=[b[1] for b in BAD])
+    def test_error_names_file_key_and_reason(self, write_config, text, key, reason):
+        path = write_config(text)
+        with pytest.raises(ConfigError) as e:
+            config.load(path)
+        assert str(e.value) == f"{path}: {key}: {reason}"
+
+    @pytest.mark.parametrize(("text", "key", "reason"), BAD[:3] + BAD[-3:])
+    def test_cli_prints_one_line_and_exits_78(self, write_config, text, key, reason):
+        path = write_config(text)
+        for command in (["config", "--check"], ["run"]):
+            r = run_speakerd(*command, "--config", str(path))
+            assert r.returncode == EX_CONFIG
+            assert r.stderr == f"speakerd: {path}: {key}: {reason}\n"
+            assert r.stdout == ""
+
+    def test_toml_syntax_error_keeps_line_and_column(self, write_config):
+        path = write_config("[audio]\nplayback_volume = = 0.5\n")
+        r = run_speakerd("run", "--config", str(path))
+        assert r.returncode == EX_CONFIG
+        assert r.stderr.startswith(f"speakerd: {path}: invalid TOML: ")
+        assert "(at line 2, column 19)" in r.stderr
+        assert r.stderr.count("\n") == 1
+
+    def test_missing_file(self, tmp_path):
+        r = run_speakerd("run", "--config", str(tmp_path / "nope.toml"))
+        assert r.returncode == EX_CONFIG
+        assert r.stderr == (f"speakerd: {tmp_path / 'nope.toml'}: no such file (create it "
+                            "from the packaged config/speakerd.toml, or pass --config)\n")
+
+    def test_unreadable_file(self, write_config):
+        path = write_config("")
+        path.chmod(0)
+        if os.getuid() == 0:
+            message, uid = _load_error_as_nobody(path), 65534
+        else:
+            with pytest.raises(ConfigError) as e:
+                config.load(path)
+            message, uid = str(e.value), os.getuid()
+        assert message == (f"{path}: not readable by uid {uid} "
+                           "(the file must be readable by the speakerd user)")
+
+    def test_directory_instead_of_file(self, tmp_path):
+        r = run_speakerd("config", "--check", "--config", str(tmp_path))
+        assert (r.returncode, r.stderr) == (
+            EX_CONFIG, f"speakerd: {tmp_path}: is a directory, not a TOML file\n")
+
+    def test_not_utf8(self, tmp_path):
+        path = tmp_path / "bad.toml"
+        path.write_bytes(b"[log]\nlevel = '\xff'\n")
+        r = run_speakerd("config", "--check", "--config", str(path))
+        assert r.returncode == EX_CONFIG
+        assert r.stderr.startswith(f"speakerd: {path}: ")
+
+
+def _load_error_as_nobody(path: Path) -> str:
+    """config.load(path) in a forked child running as nobody (root bypasses file modes)."""
+    os.chmod(path.parent, 0o755)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop to nobody, report the error text, never return to pytest
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            config.load(path)
+            os.write(write, b"loaded")
+        except ConfigError as e:
+            os.write(write, str(e).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        message = f.read().decode()
+    os.waitpid(pid, 0)
+    return message
+
+
+KEY = "sk-proj-TESTKEYabcdefghijklmnop0123456789"
+
+
+class TestApiKey:
+    def test_key_file_wins_over_credential_and_env(self, write_config, tmp_path):
+        key_file = tmp_path / "key"
+        key_file.write_text(KEY + "\n")
+        key_file.chmod(0o600)
+        c = config.load(write_config(f"[realtime]\napi_key_file = '{key_file}'\n"))
+        cred = tmp_path / "cred"
+        cred.mkdir()
+        (cred / "openai-key").write_text("sk-other-credential-key")
+        secret = config.resolve_api_key(
+            c, {"CREDENTIALS_DIRECTORY": str(cred), "OPENAI_API_KEY": "sk-env-key-xxxx"})
+        assert secret is not None and secret.reveal() == KEY and secret.source == str(key_file)
+
+    def test_systemd_credential_before_environment(self, write_config, tmp_path):
+        (tmp_path / "openai-key").write_text(KEY)
+        (tmp_path / "openai-key").chmod(0o444)  # systemd's own mode for credentials
+        c = config.load(write_config(""))
+        secret = config.resolve_api_key(
+            c, {"CREDENTIALS_DIRECTORY": str(tmp_path), "OPENAI_API_KEY": "sk-env-key-xxxx"})
+        assert secret is not None and secret.reveal() == KEY
+
+    def test_environment_last(self, write_config):
+        c = config.load(write_config(""))
+        secret = config.resolve_api_key(c, {"OPENAI_API_KEY": KEY})
+        assert secret is not None and secret.reveal() == KEY
+        assert config.resolve_api_key(c, {}) is None
+
+    @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644])
+    def test_key_file_readable_by_others_is_refused_with_the_fix(self, write_config,
+                                                                tmp_path, mode):
+        key_file = tmp_path / "key"
+        key_file.write_text(KEY)
+        key_file.chmod(mode)
+        path = write_config(f"[realtime]\napi_key_file = '{key_file}'\n")
+        r = run_speakerd("run", "--config", str(path))
+        assert r.returncode == EX_CONFIG
+        assert r.stderr == (f"speakerd: {path}: realtime.api_key_file: {key_file} is readable "
+                            f"by group or others (mode {mode:04o}); run: chmod 600 {key_file}\n")
+        assert KEY not in r.stderr
+
+    @pytest.mark.parametrize(("content", "reason"), [(None, "no such file"),
+                                                     ("  \n", "is empty")])
+    def test_missing_or_empty_key_file(self, write_config, tmp_path, content, reason):
+        key_file = tmp_path / "key"
+        if content is not None:
+            key_file.write_text(content)
+            key_file.chmod(0o600)
+        path = write_config(f"[realtime]\napi_key_file = '{key_file}'\n")
+        with pytest.raises(ConfigError, match=reason):
+            config.resolve_api_key(config.load(path), {})
+
+    def test_secret_never_formats_itself(self):
+        s = config.Secret(KEY, "test")
+        assert KEY not in repr(s) and KEY not in str(s) and KEY not in f"{s}"
+        assert KEY not in repr(ValueError(s))
+
+    def test_show_masks_the_key(self, write_config, tmp_path):
+        key_file = tmp_path / "key"
+        key_file.write_text(KEY)
+        key_file.chmod(0o600)
+        path = write_config(f"[realtime]\napi_key_file = '{key_file}'\n")
+        r = run_speakerd("config", "--show", "--config", str(path),
+                         env=clean_env(OPENAI_API_KEY=KEY))
+        assert r.returncode == 0
+        assert KEY not in r.stdout + r.stderr
+        assert f"# API key: **** (from {key_file})" in r.stdout
+
+    def test_show_prints_valid_toml_that_loads_to_the_same_config(self, write_config,
+                                                                  tmp_path):
+        path = write_config("[leds]\npins = { red = 17, green = 27, blue = 22 }\n"
+                            "[realtime]\ninstructions = 'Say \"hi\"\\nthen stop'\n")
+        r = run_speakerd("config", "--show", "--config", str(path))
+        shown = write_config(r.stdout, "shown.toml")
+        again = config.load(shown)
+        assert dataclasses.replace(again, path=str(path)) == config.load(path)
