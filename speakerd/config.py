@@ -311,10 +311,13 @@ def resolve_api_key(config: Config, environ: Mapping[str, str] | None = None) ->
         return _read_key_file(config.realtime.api_key_file, config.path,
                               "realtime.api_key_file", check_mode=True)
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
-    if cred_dir and os.path.exists(os.path.join(cred_dir, CREDENTIAL_NAME)):
-        # systemd made this file for this service alone; its mode is its business.
-        return _read_key_file(os.path.join(cred_dir, CREDENTIAL_NAME), config.path,
-                              f"credential {CREDENTIAL_NAME}", check_mode=False)
+    cred = os.path.join(cred_dir, CREDENTIAL_NAME) if cred_dir else ""
+    # install.sh leaves an empty key file (LoadCredential= fails on a missing one):
+    # empty means "not set yet", not an error. systemd made this copy for this
+    # service alone, so its mode is not ours to check.
+    if cred and os.path.exists(cred) and os.path.getsize(cred) > 0:
+        return _read_key_file(cred, config.path, f"credential {CREDENTIAL_NAME}",
+                              check_mode=False)
     key = env.get("OPENAI_API_KEY", "").strip()
     return Secret(key, "$OPENAI_API_KEY") if key else None
 

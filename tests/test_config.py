@@ -217,6 +217,14 @@ class TestApiKey:
             c, {"CREDENTIALS_DIRECTORY": str(tmp_path), "OPENAI_API_KEY": "sk-env-key-xxxx"})
         assert secret is not None and secret.reveal() == KEY
 
+    def test_empty_credential_means_no_key_yet(self, write_config, tmp_path):
+        (tmp_path / "openai-key").write_text("")
+        c = config.load(write_config(""))
+        assert config.resolve_api_key(c, {"CREDENTIALS_DIRECTORY": str(tmp_path)}) is None
+        secret = config.resolve_api_key(
+            c, {"CREDENTIALS_DIRECTORY": str(tmp_path), "OPENAI_API_KEY": KEY})
+        assert secret is not None and secret.source == "$OPENAI_API_KEY"
+
     def test_environment_last(self, write_config):
         c = config.load(write_config(""))
         secret = config.resolve_api_key(c, {"OPENAI_API_KEY": KEY})

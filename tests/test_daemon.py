@@ -1,0 +1,143 @@
+"""`speakerd run` as systemd sees it: READY, STATUS, WATCHDOG cadence, SIGHUP reload, SIGTERM."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT, SPEAKERD, clean_env
+from .notify_socket import NotifySocket
+
+KEY = "sk-proj-DAEMONTESTKEY0123456789abcdef"
+
+
+class Daemon:
+    def __init__(self, tmp_path: Path, config: Path, **env: str) -> None:
+        self.notify = NotifySocket(tmp_path / "notify.sock")
+        self.stderr_path = tmp_path / "stderr.log"
+        self._stderr = self.stderr_path.open("w")
+        self.proc = subprocess.Popen(
+            [*SPEAKERD, "run", "--config", str(config)], cwd=ROOT, stderr=self._stderr,
+            env=clean_env(NOTIFY_SOCKET=self.notify.path, **env))
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._stderr.close()
+        self.notify.close()
+
+
+@pytest.fixture
+def daemon(tmp_path, write_config):
+    started: list[Daemon] = []
+
+    def start(config_text: str = "", **env: str) -> Daemon:
+        d = Daemon(tmp_path, write_config(config_text), **env)
+        started.append(d)
+        return d
+    yield start
+    for d in started:
+        d.stop()
+
+
+class TestReadiness:
+    def test_ready_with_status_after_logging_startup(self, daemon):
+        d = daemon()
+        ready = d.notify.wait_for("READY", "1")
+        assert ready.fields["STATUS"] == "idle"
+        assert "speakerd 0.1.0 started: config" in d.stderr
+        assert "[SPEAKERD_STATE=idle SPEAKERD_EVENT=start]" in d.stderr
+
+    def test_missing_key_is_a_warning_not_a_failure(self, daemon):
+        d = daemon()
+        d.notify.wait_for("READY", "1")
+        assert "no API key configured" in d.stderr
+        assert d.proc.poll() is None
+
+
+class TestWatchdog:
+    def test_pings_at_half_the_watchdog_interval(self, daemon):
+        d = daemon(WATCHDOG_USEC="200000")
+        pings = d.notify.collect("WATCHDOG", 8)
+        gaps = [b.at - a.at for a, b in itertools.pairwise(pings)]
+        # Expected 0.1 s apart (half of 0.2 s); a shared machine adds jitter, never halves it.
+        assert 0.08 <= statistics.median(gaps) <= 0.15, gaps
+        assert min(gaps) >= 0.05, gaps
+
+    def test_no_pings_for_another_pid(self, daemon):
+        d = daemon(WATCHDOG_USEC="200000", WATCHDOG_PID="1")
+        d.notify.wait_for("READY", "1")
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(timeout=5)
+        d.notify.wait_for("STOPPING", "1")
+        assert not any("WATCHDOG" in m.fields for m in d.notify.messages)
+
+
+class TestSignals:
+    def test_sigterm_stops_cleanly_within_two_seconds(self, daemon):
+        d = daemon()
+        d.notify.wait_for("READY", "1")
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=2) == 0
+        assert d.notify.wait_for("STOPPING", "1").fields["STATUS"] == "stopping"
+        assert "stopping on SIGTERM" in d.stderr
+        assert "speakerd stopped" in d.stderr
+
+    def test_sighup_reloads_a_good_file(self, daemon, write_config):
+        d = daemon()
+        d.notify.wait_for("READY", "1")
+        write_config("[log]\nlevel = 'debug'\n")
+        d.proc.send_signal(signal.SIGHUP)
+        reloading = d.notify.wait_for("RELOADING", "1")
+        now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        assert 0 < now_usec - int(reloading.fields["MONOTONIC_USEC"]) < 60_000_000
+        after = d.notify.messages.index(reloading)
+        d.notify.collect("READY", 2)
+        assert any("READY" in m.fields for m in d.notify.messages[after:])
+        assert "config reloaded from" in d.stderr
+
+    def test_sighup_with_a_bad_file_keeps_the_old_config_and_runs_on(self, daemon,
+                                                                     write_config):
+        d = daemon()
+        d.notify.wait_for("READY", "1")
+        path = write_config("[wake_word]\ntreshold = 0.3\n")
+        d.proc.send_signal(signal.SIGHUP)
+        d.notify.wait_for("STATUS", "idle (config reload failed, old config kept)")
+        assert d.proc.poll() is None
+        assert (f"config reload failed, keeping the running config: {path}: "
+                "wake_word.treshold: unknown key (did you mean 'threshold'?)") in d.stderr
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(timeout=5) == 0
+
+    def test_key_from_environment_never_reaches_the_log(self, daemon):
+        d = daemon("[log]\nlevel = 'debug'\n", OPENAI_API_KEY=KEY)
+        d.notify.wait_for("READY", "1")
+        d.proc.send_signal(signal.SIGTERM)
+        d.proc.wait(timeout=5)
+        assert KEY not in d.stderr
+        assert "no API key configured" not in d.stderr
+
+
+def test_runs_without_notify_socket(tmp_path, write_config):
+    proc = subprocess.Popen([*SPEAKERD, "run", "--config", str(write_config(""))], cwd=ROOT,
+                            env=clean_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # wait on the start-up line, not on a clock
+            if "started: config" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        proc.kill()
