@@ -39,8 +39,9 @@ def _test_unit(scratch: Path) -> str:
     lines[at:at] = [
         f"ExecStart={sys.executable} -m speakerd run --config @CONFIG@",
         f"WorkingDirectory={ROOT}",
-        # PrivateTmp= hides /tmp, where pytest keeps the configs (and maybe the venv).
-        f"BindReadOnlyPaths={scratch} {sys.prefix}",
+        # PrivateTmp= hides /tmp, where pytest keeps the configs (and CI may keep the
+        # clone and its venv).
+        f"BindReadOnlyPaths={scratch} {ROOT} {sys.prefix}",
         "Environment=SPEAKERD_LOG_TARGET=stderr",
         # Short enough for a test; the shipped 30 s is checked in test_unit.py.
         "WatchdogSec=2", "TimeoutStopSec=3", "RestartSec=0.2",
