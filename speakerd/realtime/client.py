@@ -1,0 +1,254 @@
+"""One websocket per conversation to the realtime model: connect with back-off, send, report."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import websockets
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import CloseCode
+
+from speakerd import __version__
+from speakerd.config import Secret, check_realtime_url
+from speakerd.realtime import protocol
+from speakerd.realtime.protocol import Severity
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME_BYTES = 8 * 1024 * 1024  # a long answer's response.done fits many times over
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """session.updated arrived: the session is configured and the pre-roll has been sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """The socket is gone (or never came up); `unrecoverable` means retrying will not help."""
+
+    reason: str
+    unrecoverable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Connect retries: delay = min(cap, first * 2**n) * (1 +- jitter), `attempts` in all."""
+
+    attempts: int = 5
+    first: float = 0.5
+    cap: float = 8.0
+    jitter: float = 0.2
+
+    def delay(self, n: int, rng: random.Random) -> float:
+        base = min(self.cap, self.first * 2**n)
+        return base * (1 + rng.uniform(-self.jitter, self.jitter))
+
+
+class PreRoll:
+    """Audio said before the socket is ready, kept in order up to a bound; oldest dropped."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.size = 0
+        self.dropped_bytes = 0
+
+    def add(self, pcm: bytes) -> None:
+        self.chunks.append(pcm)
+        self.size += len(pcm)
+        while self.size > self.max_bytes:
+            old = self.chunks.popleft()
+            self.size -= len(old)
+            self.dropped_bytes += len(old)
+
+    def take(self) -> list[bytes]:
+        chunks, self.chunks, self.size = list(self.chunks), collections.deque(), 0
+        return chunks
+
+
+def realtime_uri(url: str, model: str) -> str:
+    """`url` with `model=` added to its query (replacing one already there)."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "model"] + [("model", model)]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+class RealtimeClient:
+    """The socket of one conversation.
+
+    `await run()` connects (retrying per `backoff`), sends `session_update` after
+    session.created, and calls `on_event` on the loop with `Ready`, then every parsed
+    server event, and last exactly one `Disconnected`. `send()` and `append_audio()`
+    may be called at any time from the loop; one writer task sends in call order.
+    """
+
+    def __init__(self, *, url: str, model: str, api_key: Secret | None,
+                 session_update: dict[str, Any], on_event: Callable[[object], None],
+                 preroll_seconds: float = 2.0, max_frame_bytes: int = MAX_FRAME_BYTES,
+                 open_timeout: float = 10.0, backoff: Backoff | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.uri = realtime_uri(url, model)
+        self.host = urlsplit(url).hostname or "?"
+        self._api_key = api_key
+        self._session_update = session_update
+        self._on_event = on_event
+        self.preroll = PreRoll(int(preroll_seconds * protocol.BYTES_PER_MS * 1000))
+        self._max_frame_bytes = max_frame_bytes
+        self._open_timeout = open_timeout
+        self._backoff = backoff or Backoff()
+        self._rng = rng or random.Random()
+        self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self._ws: ClientConnection | None = None
+        self._ready = False
+        self._closing = False
+        self.sent_count = 0
+
+    # --- for the caller ------------------------------------------------------------
+
+    def send(self, event: dict[str, Any]) -> None:
+        """Queue a client event; it goes out after every event queued before it."""
+        self._outbox.put_nowait(json.dumps(event))
+
+    def append_audio(self, pcm: bytes) -> None:
+        """Stream 24 kHz s16 mic audio; before the session is ready it waits in the pre-roll."""
+        if self._ready:
+            self.send(protocol.input_audio_append(pcm))
+        else:
+            self.preroll.add(pcm)
+
+    def close(self) -> None:
+        """End the conversation's socket; run() then reports Disconnected and returns."""
+        self._closing = True
+        self._outbox.put_nowait(None)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def run(self) -> None:
+        why = check_realtime_url(self.uri)
+        if why:
+            self._on_event(Disconnected(why, unrecoverable=True))
+            return
+        ws = await self._connect()
+        if ws is None:
+            return
+        self._ws = ws
+        writer = asyncio.create_task(self._write(ws), name="realtime-writer")
+        try:
+            reason = await self._read(ws)
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            await ws.close()
+        self._on_event(Disconnected(reason))
+
+    # --- inside --------------------------------------------------------------------
+
+    async def _connect(self) -> ClientConnection | None:
+        headers = {"Authorization": f"Bearer {self._api_key.reveal()}"} if self._api_key else {}
+        last = ""
+        for attempt in range(self._backoff.attempts):
+            if attempt:
+                delay = self._backoff.delay(attempt - 1, self._rng)
+                log.info("retrying the realtime connection in %.1f s (attempt %d of %d)",
+                         delay, attempt + 1, self._backoff.attempts)
+                await asyncio.sleep(delay)
+            if self._closing:
+                self._on_event(Disconnected("closed by speakerd before connecting"))
+                return None
+            started = time.monotonic()
+            try:
+                ws = await connect(self.uri, additional_headers=headers,
+                                   user_agent_header=f"speakerd/{__version__}",
+                                   max_size=self._max_frame_bytes,
+                                   open_timeout=self._open_timeout,
+                                   ping_interval=20, ping_timeout=20, close_timeout=2)
+            except InvalidStatus as e:
+                severity, last = protocol.classify_status(e.response.status_code)
+                if severity is Severity.UNRECOVERABLE:
+                    log.error("realtime server %s refused the connection: %s", self.host, last)
+                    self._on_event(Disconnected(last, unrecoverable=True))
+                    return None
+                log.warning("realtime server %s: %s", self.host, last)
+            except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
+                last = f"cannot reach {self.host}: {e}"
+                log.warning("%s", last)
+            else:
+                log.info("connected to %s in %.0f ms", self.host,
+                         (time.monotonic() - started) * 1000)
+                return ws
+        self._on_event(Disconnected(f"no connection after {self._backoff.attempts} "
+                                    f"attempts; last: {last}"))
+        return None
+
+    async def _write(self, ws: ClientConnection) -> None:
+        while True:
+            frame = await self._outbox.get()
+            if frame is None:
+                await ws.close()
+                return
+            await ws.send(frame)
+            self.sent_count += 1
+
+    async def _read(self, ws: ClientConnection) -> str:
+        try:
+            async for frame in ws:
+                if isinstance(frame, bytes):
+                    log.warning("ignored a binary frame of %d bytes from %s", len(frame),
+                                self.host)
+                    continue
+                try:
+                    event = protocol.parse(frame)
+                except protocol.ParseError as e:
+                    log.warning("%s; ignored it", e)
+                    continue
+                self._handle(event)
+        except ConnectionClosed as e:
+            return self._close_reason(e)
+        return self._close_reason(None)
+
+    def _handle(self, event: protocol.ServerEvent) -> None:
+        if isinstance(event, protocol.SessionCreated):
+            self.send(self._session_update)
+            return
+        if isinstance(event, protocol.SessionUpdated) and not self._ready:
+            self._ready = True
+            chunks = self.preroll.take()
+            for pcm in chunks:
+                self.send(protocol.input_audio_append(pcm))
+            if self.preroll.dropped_bytes:
+                log.warning("pre-roll overflowed: dropped the oldest %d ms of speech",
+                            self.preroll.dropped_bytes // protocol.BYTES_PER_MS)
+            self._on_event(Ready())
+            return
+        if isinstance(event, (protocol.Unknown, protocol.Ignored)):
+            if isinstance(event, protocol.Unknown):
+                log.debug("ignored unknown server event %s", event.type)
+            return
+        self._on_event(event)
+
+    def _close_reason(self, e: ConnectionClosed | None) -> str:
+        if self._closing:
+            return "closed by speakerd"
+        if e is not None and e.sent is not None and e.sent.code == CloseCode.MESSAGE_TOO_BIG:
+            reason = (f"the server sent a frame over {self._max_frame_bytes} bytes; "
+                      "speakerd closed the connection")
+            log.error("%s", reason)
+            return reason
+        rcvd = e.rcvd if e is not None else (self._ws.close_rcvd if self._ws else None)
+        if rcvd is not None:
+            why = f": {rcvd.reason}" if rcvd.reason else ""
+            return f"server closed the connection (code {rcvd.code}{why})"
+        return "connection lost without a close frame"

@@ -1,0 +1,372 @@
+"""A local stand-in for the realtime model: a real `websockets` server on 127.0.0.1.
+
+Usage::
+
+    server = RealtimeServer(replies=[Reply(audio_ms=800)])
+    async with server:                  # listening on server.url (ws://127.0.0.1:PORT/v1/realtime)
+        ...                             # point speakerd at server.url, then wait on
+        await server.wait_for("response.create")   # what the client sent
+    server.received                     # every client event, in order, with arrival times
+    assert server.invalid == []         # events that failed openai.types.realtime validation
+
+What it does on each connection, as the real service does:
+
+- handshake: records `handshakes` (time, headers); `reject_status=401` (or a list of
+  statuses, one per attempt) refuses it with that HTTP status;
+- sends `session.created`; answers each `session.update` with `session.updated`;
+- `input_audio_buffer.commit` -> `input_audio_buffer.committed`, then the next
+  reply (server VAD with create_response); `vad=True` instead detects speech by the
+  energy of appended audio and does speech_started/stopped/committed itself;
+- `response.create` while a response is active -> error
+  `conversation_already_has_active_response`; otherwise plays the next `Reply`;
+- `response.cancel` -> the active reply stops, `response.done` status cancelled;
+- `conversation.item.create` -> `conversation.item.added`.
+
+A `Reply` streams `audio_ms` of 24 kHz audio (or the given `pcm`) as deltas of
+`chunk_ms` at `speed` times real time, its transcript, then `response.done` whose
+output holds the assistant message and any `function_calls`. Replies are taken
+from `replies` in order; when none is left, a 200 ms reply is made up.
+
+Misbehaviour on demand: `send(event)`, `send_raw(text)` (invalid JSON, unknown
+types, bad base64, a 20 MB frame), `error(code)`, `drop()` (TCP closed with no
+close frame), or `Reply(drop_after_ms=...)` to drop mid-response.
+
+Every event the server sends is built from the `openai.types.realtime` models, and
+every event it receives is validated against `RealtimeClientEvent`, so the two
+sides cannot drift apart silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from openai.types import realtime as rt
+from pydantic import TypeAdapter, ValidationError
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+CLIENT_EVENT = TypeAdapter(rt.RealtimeClientEvent)
+RATE = 24000
+
+
+@dataclass(frozen=True)
+class Received:
+    at: float  # time.monotonic() on arrival
+    event: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return self.event.get("type", "")
+
+
+@dataclass
+class Call:
+    name: str
+    arguments: str = "{}"
+    call_id: str = ""
+
+
+@dataclass
+class Reply:
+    audio_ms: int = 500
+    pcm: bytes | None = None
+    transcript: str = "Okay."
+    function_calls: list[Call] = field(default_factory=list)
+    chunk_ms: int = 100
+    speed: float = 20.0  # times real time; the real service also runs ahead of playback
+    drop_after_ms: int | None = None  # abort the TCP connection after this much audio
+    status: str = "completed"
+    error: tuple[str, str] | None = None  # (type, code) for a failed response.done
+
+
+def tone(ms: int, freq: float = 440.0, amplitude: int = 8000) -> bytes:
+    """`ms` of a sine at 24 kHz s16le mono: distinct, checkable content."""
+    n = RATE * ms // 1000
+    t = np.arange(n) / RATE
+    return (amplitude * np.sin(2 * math.pi * freq * t)).astype("<i2").tobytes()
+
+
+class RealtimeServer:
+    def __init__(self, *, replies: list[Reply] | None = None,
+                 reject_status: int | list[int] | None = None, vad: bool = False,
+                 vad_threshold: float = 500.0, vad_silence_ms: int = 500) -> None:
+        self.replies = list(replies or [])
+        self.reject_status = reject_status
+        self.vad = vad
+        self.vad_threshold = vad_threshold
+        self.vad_silence_ms = vad_silence_ms
+        self.received: list[Received] = []
+        self.invalid: list[tuple[dict[str, Any], str]] = []
+        self.handshakes: list[tuple[float, dict[str, str]]] = []
+        self.sent: list[dict[str, Any]] = []
+        self.errors_sent: list[str] = []
+        self.connections: list[ServerConnection] = []
+        self.active_response: str | None = None
+        self._ids = itertools.count(1)
+        self._server: Server | None = None
+        self._changed = asyncio.Condition()
+        self._reply_task: asyncio.Task[None] | None = None
+        self._cancel = asyncio.Event()
+        self._speech_ms = 0
+        self._silence_ms = 0
+        self._in_speech = False
+        self.port = 0
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/realtime"
+
+    async def __aenter__(self) -> RealtimeServer:
+        self._server = await serve(self._handler, "127.0.0.1", 0, max_size=None,
+                                   process_request=self._process_request)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        if self._reply_task:
+            self._reply_task.cancel()
+        self._server.close()
+        await self._server.wait_closed()
+
+    # --- what a test asks ------------------------------------------------------------
+
+    def types(self) -> list[str]:
+        return [r.type for r in self.received]
+
+    def of_type(self, type_: str) -> list[Received]:
+        return [r for r in self.received if r.type == type_]
+
+    async def wait_for(self, type_: str, count: int = 1, timeout: float = 20) -> list[Received]:
+        """Wait until `count` events of `type_` have arrived; return them."""
+        async def enough() -> None:
+            async with self._changed:
+                await self._changed.wait_for(lambda: len(self.of_type(type_)) >= count)
+        try:
+            await asyncio.wait_for(enough(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"{count} x {type_} not received in {timeout}s; "
+                                 f"got {self.types()}") from None
+        return self.of_type(type_)[:count]
+
+    async def wait_until(self, predicate, timeout: float = 20) -> None:
+        async def check() -> None:
+            async with self._changed:
+                await self._changed.wait_for(predicate)
+        await asyncio.wait_for(check(), timeout)
+
+    # --- what a test makes it do --------------------------------------------------------
+
+    async def send(self, event: dict[str, Any] | Any) -> None:
+        if not isinstance(event, dict):
+            event = event.model_dump(mode="json", exclude_none=True)
+        self.sent.append(event)
+        await self._ws.send(json.dumps(event))
+
+    async def send_raw(self, text: str | bytes) -> None:
+        await self._ws.send(text)
+
+    async def error(self, code: str, *, type_: str = "invalid_request_error",
+                    message: str = "", event_id: str | None = None) -> None:
+        self.errors_sent.append(code)
+        await self.send(rt.RealtimeErrorEvent(
+            type="error", event_id=self._eid(), error=rt.RealtimeError(
+                type=type_, code=code, message=message or code, event_id=event_id)))
+
+    def drop(self) -> None:
+        """Close the TCP connection without a websocket close frame."""
+        self._ws.transport.abort()
+
+    @property
+    def _ws(self) -> ServerConnection:
+        return self.connections[-1]
+
+    def _eid(self) -> str:
+        return f"srv_{next(self._ids)}"
+
+    # --- the protocol ------------------------------------------------------------------
+
+    def _process_request(self, connection: ServerConnection, request: Request
+                         ) -> Response | None:
+        self.handshakes.append((time.monotonic(), dict(request.headers.raw_items())))
+        status = self.reject_status
+        if isinstance(status, list):
+            status = status.pop(0) if status else None
+        if status:
+            return connection.respond(status, f"rejected with {status}\n")
+        return None
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        self.connections.append(ws)
+        self.active_response = None
+        await self.send(rt.SessionCreatedEvent(
+            type="session.created", event_id=self._eid(),
+            session=rt.RealtimeSessionCreateRequest(type="realtime", model="gpt-realtime")))
+        try:
+            async for frame in ws:
+                event = json.loads(frame)
+                try:
+                    CLIENT_EVENT.validate_python(event)
+                except ValidationError as e:
+                    self.invalid.append((event, str(e)))
+                async with self._changed:
+                    self.received.append(Received(time.monotonic(), event))
+                    self._changed.notify_all()
+                await self._on_event(event)
+        except ConnectionClosed:
+            pass
+        finally:
+            if self._reply_task:
+                self._reply_task.cancel()
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _on_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "session.update":
+            await self.send(rt.SessionUpdatedEvent(
+                type="session.updated", event_id=self._eid(),
+                session=rt.RealtimeSessionCreateRequest(type="realtime",
+                                                        model="gpt-realtime")))
+        elif kind == "input_audio_buffer.append" and self.vad:
+            await self._vad(base64.b64decode(event["audio"]))
+        elif kind == "input_audio_buffer.commit":
+            await self._commit()
+        elif kind == "response.create":
+            if self.active_response:
+                await self.error("conversation_already_has_active_response",
+                                 message="Conversation already has an active response in "
+                                 f"progress: {self.active_response}.",
+                                 event_id=event.get("event_id"))
+            else:
+                self._start_reply()
+        elif kind == "response.cancel":
+            if self.active_response:
+                self._cancel.set()
+            else:
+                await self.error("response_cancel_not_active",
+                                 event_id=event.get("event_id"))
+        elif kind == "conversation.item.create":
+            item = event["item"]
+            await self.send(rt.ConversationItemAdded(
+                type="conversation.item.added", event_id=self._eid(),
+                item=rt.RealtimeConversationItemFunctionCallOutput(
+                    type="function_call_output", call_id=item["call_id"],
+                    output=item["output"], id=f"item_{next(self._ids)}")))
+
+    async def _vad(self, pcm: bytes) -> None:
+        samples = np.frombuffer(pcm, "<i2").astype(np.float64)
+        loud = samples.size and math.sqrt(float(np.mean(samples**2))) > self.vad_threshold
+        ms = len(pcm) // 48
+        if loud:
+            self._silence_ms = 0
+            if not self._in_speech:
+                self._in_speech = True
+                await self.send(rt.InputAudioBufferSpeechStartedEvent(
+                    type="input_audio_buffer.speech_started", event_id=self._eid(),
+                    item_id="item_user", audio_start_ms=0))
+        elif self._in_speech:
+            self._silence_ms += ms
+            if self._silence_ms >= self.vad_silence_ms:
+                self._in_speech = False
+                await self.send(rt.InputAudioBufferSpeechStoppedEvent(
+                    type="input_audio_buffer.speech_stopped", event_id=self._eid(),
+                    item_id="item_user", audio_end_ms=0))
+                await self._commit()
+
+    async def _commit(self) -> None:
+        await self.send(rt.InputAudioBufferCommittedEvent(
+            type="input_audio_buffer.committed", event_id=self._eid(),
+            item_id=f"item_{next(self._ids)}"))
+        if not self.active_response:
+            self._start_reply()
+
+    def _start_reply(self) -> None:
+        reply = self.replies.pop(0) if self.replies else Reply(audio_ms=200)
+        self.active_response = f"resp_{next(self._ids)}"
+        self._cancel.clear()
+        self._reply_task = asyncio.create_task(self._play(reply, self.active_response))
+
+    async def _play(self, reply: Reply, rid: str) -> None:
+        try:
+            await self._play_reply(reply, rid)
+        except ConnectionClosed:
+            pass
+        finally:
+            if self.active_response == rid:
+                self.active_response = None
+
+    async def _play_reply(self, reply: Reply, rid: str) -> None:
+        item_id = f"item_{next(self._ids)}"
+        await self.send(rt.ResponseCreatedEvent(
+            type="response.created", event_id=self._eid(),
+            response=rt.RealtimeResponse(id=rid, status="in_progress", output=[])))
+        message = rt.RealtimeConversationItemAssistantMessage(
+            type="message", role="assistant", id=item_id, content=[])
+        await self.send(rt.ResponseOutputItemAddedEvent(
+            type="response.output_item.added", event_id=self._eid(), response_id=rid,
+            output_index=0, item=message))
+        pcm = reply.pcm if reply.pcm is not None else tone(reply.audio_ms)
+        step = RATE * 2 * reply.chunk_ms // 1000
+        sent_ms = 0
+        status = reply.status
+        for start in range(0, len(pcm), step):
+            if self._cancel.is_set():
+                status = "cancelled"
+                break
+            chunk = pcm[start:start + step]
+            await self.send(rt.ResponseAudioDeltaEvent(
+                type="response.output_audio.delta", event_id=self._eid(), response_id=rid,
+                item_id=item_id, output_index=0, content_index=0,
+                delta=base64.b64encode(chunk).decode()))
+            sent_ms += len(chunk) // 48
+            if reply.drop_after_ms is not None and sent_ms >= reply.drop_after_ms:
+                self.drop()
+                return
+            # Paced, but ahead of real time; the cancel event cuts the wait short.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._cancel.wait(),
+                                       len(chunk) / 48 / 1000 / reply.speed)
+        if status != "cancelled":
+            await self.send(rt.ResponseAudioDoneEvent(
+                type="response.output_audio.done", event_id=self._eid(), response_id=rid,
+                item_id=item_id, output_index=0, content_index=0))
+            await self.send(rt.ResponseAudioTranscriptDoneEvent(
+                type="response.output_audio_transcript.done", event_id=self._eid(),
+                response_id=rid, item_id=item_id, output_index=0, content_index=0,
+                transcript=reply.transcript))
+        output: list[Any] = [message]
+        for i, call in enumerate(reply.function_calls if status != "cancelled" else []):
+            call_id = call.call_id or f"call_{next(self._ids)}"
+            item = rt.RealtimeConversationItemFunctionCall(
+                type="function_call", id=f"item_{next(self._ids)}", call_id=call_id,
+                name=call.name, arguments=call.arguments, status="completed")
+            await self.send(rt.ResponseOutputItemAddedEvent(
+                type="response.output_item.added", event_id=self._eid(), response_id=rid,
+                output_index=i + 1, item=item))
+            await self.send(rt.ResponseFunctionCallArgumentsDoneEvent(
+                type="response.function_call_arguments.done", event_id=self._eid(),
+                response_id=rid, item_id=item.id or "", output_index=i + 1,
+                call_id=call_id, name=call.name, arguments=call.arguments))
+            output.append(item)
+        details = None
+        if reply.error:
+            details = rt.RealtimeResponseStatus(
+                type="failed", error=rt.realtime_response_status.Error(
+                    type=reply.error[0], code=reply.error[1]))
+        self.active_response = None
+        await self.send(rt.ResponseDoneEvent(
+            type="response.done", event_id=self._eid(), response=rt.RealtimeResponse(
+                id=rid, status=status, output=output, status_details=details)))
