@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Before anything loads alsa-lib: the hermetic test asoundrc (see tests/audio_devices.py).
+from . import audio_devices
+
 ROOT = Path(__file__).resolve().parent.parent
 SPEAKERD = [sys.executable, "-m", "speakerd"]
 
@@ -49,3 +52,13 @@ def write_config(tmp_path: Path):
         path.write_text(text)
         return path
     return write
+
+
+@pytest.fixture(scope="session")
+def pulse():
+    """The paced PulseAudio devices `spk` and `mic` (see tests/audio_devices.py)."""
+    need(audio_devices.pulse_available(), "pulseaudio and pulseaudio-utils")
+    daemon = audio_devices.Pulse()
+    daemon.start()
+    yield daemon
+    daemon.stop()

@@ -1,0 +1,1 @@
+"""ALSA audio: capture, playback with a drain callback, resampling, earcons."""

@@ -1,0 +1,236 @@
+"""The microphone: an ALSA capture thread delivering 80 ms frames of 16 kHz mono s16 to the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import alsaaudio
+import numpy as np
+
+from speakerd.audio import resample
+from speakerd.audio.resample import DeviceFormat
+from speakerd.errors import UnavailableError
+
+log = logging.getLogger(__name__)
+
+RATE = 16000
+FRAME_MS = 80
+FRAME_SAMPLES = RATE * FRAME_MS // 1000  # 1280, what openWakeWord consumes
+FRAME_BYTES = FRAME_SAMPLES * 2
+PERIOD_MS = 20
+# Preferred first; a device that refuses gets its own rate and format, converted here.
+PREFERRED = DeviceFormat(RATE, 1, "S16_LE")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLost:
+    """The capture device failed; the thread retries with back-off."""
+
+    device: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceBack:
+    device: str
+
+
+def open_pcm(kind: int, device: str, fmt: DeviceFormat, period_ms: int,
+             periods: int = 4) -> alsaaudio.PCM:
+    """Open `device` with `fmt`; raises alsaaudio.ALSAAudioError as alsa-lib reports it."""
+    return alsaaudio.PCM(kind, alsaaudio.PCM_NORMAL, device=device, rate=fmt.rate,
+                         channels=fmt.channels, format=resample.FORMATS[fmt.format][0],
+                         periodsize=fmt.rate * period_ms // 1000, periods=periods)
+
+
+def negotiate(kind: int, device: str, want: DeviceFormat, period_ms: int
+              ) -> tuple[alsaaudio.PCM, DeviceFormat]:
+    """Open with `want`, else with what the device offers; return the PCM and what it got.
+
+    alsa-lib may settle on a nearby rate or channel count; info() says what it did.
+    """
+    try:
+        pcm = open_pcm(kind, device, want, period_ms)
+    except alsaaudio.ALSAAudioError as first:
+        if any(s in str(first) for s in ("No such file or directory", "No such device")):
+            raise  # not there at all: no other format will help
+        pcm = _open_native(kind, device, want, period_ms, first)
+    info = pcm.info()
+    got = DeviceFormat(int(info["rate"]), int(info["channels"]),
+                       resample.ALSA_TO_NAME.get(info["format"], "?"))
+    if got.format == "?":
+        pcm.close()
+        raise alsaaudio.ALSAAudioError(f"{device} uses format {info['format_name']}, "
+                                       "which speakerd cannot convert")
+    return pcm, got
+
+
+def _open_native(kind: int, device: str, want: DeviceFormat, period_ms: int,
+                 first: Exception) -> alsaaudio.PCM:
+    probe = alsaaudio.PCM(kind, alsaaudio.PCM_NORMAL, device=device)
+    try:
+        formats = [f for f in ("S16_LE", "S32_LE", "FLOAT_LE") if f in probe.getformats()]
+        lo, hi = probe.getratebounds()
+        channels = probe.getchannels()
+    finally:
+        probe.close()
+    if not formats:
+        raise first
+    rate = min(max(want.rate, lo), hi)
+    count = want.channels if want.channels in channels else min(channels)
+    return open_pcm(kind, device, DeviceFormat(rate, count, formats[0]), period_ms)
+
+
+def describe_missing(device: str, error: Exception, kind: int) -> UnavailableError:
+    """A one-line error for a device that cannot be opened, listing the PCMs alsa-lib knows."""
+    try:
+        known = ", ".join(alsaaudio.pcms(kind)) or "none"
+    except alsaaudio.ALSAAudioError:
+        known = "none"
+    what = "capture" if kind == alsaaudio.PCM_CAPTURE else "playback"
+    return UnavailableError(f"cannot open ALSA {what} device '{device}': {error} "
+                            f"(PCMs alsa-lib knows: {known})")
+
+
+class Capture:
+    """Reads `device` in its own thread and hands frames to the loop.
+
+    `on_frame(frame)` is called on the loop with each 80 ms frame (1280 samples of
+    16 kHz s16le mono) and `on_status(event)` with DeviceLost / DeviceBack. If the
+    loop falls behind, the oldest undelivered frames are dropped and counted.
+    `in_thread(frame)`, if given, runs in the capture thread for each frame (the
+    wake-word detector) and whatever non-None it returns is handed to `on_frame`'s
+    sibling `on_result` on the loop.
+    """
+
+    def __init__(self, device: str, *, loop: asyncio.AbstractEventLoop,
+                 on_frame: Callable[[bytes], None],
+                 on_status: Callable[[object], None] = lambda e: None,
+                 in_thread: Callable[[bytes], object | None] | None = None,
+                 on_result: Callable[[object], None] = lambda r: None,
+                 fmt: DeviceFormat = PREFERRED, channel: int = 0,
+                 max_pending_frames: int = 25, retry_first: float = 0.5,
+                 retry_cap: float = 10.0) -> None:
+        self.device = device
+        self.want = fmt
+        self.channel = channel
+        self.got: DeviceFormat | None = None
+        self._loop = loop
+        self._on_frame = on_frame
+        self._on_status = on_status
+        self._in_thread = in_thread
+        self._on_result = on_result
+        self._pending: collections.deque[tuple[bytes, object | None]] = collections.deque()
+        self._max_pending = max_pending_frames
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._retry = (retry_first, retry_cap)
+        self.frames = 0
+        self.dropped = 0
+        self.overruns = 0
+        self.reopens = 0
+
+    def open(self) -> None:
+        """Open the device now (at start-up): raises UnavailableError if it is not there."""
+        try:
+            self._pcm, self.got = negotiate(alsaaudio.PCM_CAPTURE, self.device, self.want,
+                                            PERIOD_MS)
+        except alsaaudio.ALSAAudioError as e:
+            raise describe_missing(self.device, e, alsaaudio.PCM_CAPTURE) from None
+        log.info("microphone %s open at %d Hz, %d channel(s), %s", self.device,
+                 self.got.rate, self.got.channels, self.got.format)
+
+    def start(self) -> None:
+        if self.got is None:
+            self.open()
+        self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    # --- the capture thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        pcm: alsaaudio.PCM | None = self._pcm
+        delay = self._retry[0]
+        while not self._stop.is_set():
+            if pcm is None:
+                try:
+                    pcm, self.got = negotiate(alsaaudio.PCM_CAPTURE, self.device, self.want,
+                                              PERIOD_MS)
+                except alsaaudio.ALSAAudioError:
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, self._retry[1])
+                    continue
+                self.reopens += 1
+                delay = self._retry[0]
+                log.info("microphone %s is back", self.device)
+                self._hand_status(DeviceBack(self.device))
+            try:
+                self._read_until_error(pcm)
+            except alsaaudio.ALSAAudioError as e:
+                log.error("microphone %s failed: %s; retrying every %.0f-%.0f s",
+                          self.device, e, *self._retry)
+                self._hand_status(DeviceLost(self.device, str(e)))
+            finally:
+                pcm.close()
+                pcm = None
+
+    def _read_until_error(self, pcm: alsaaudio.PCM) -> None:
+        fmt = self.got
+        assert fmt is not None
+        resampler = resample.Resampler(fmt.rate, RATE)
+        buf = np.zeros(0, dtype=np.float32)
+        while not self._stop.is_set():
+            length, raw = pcm.read()
+            if length < 0:  # -EPIPE: overrun; pyalsaaudio has re-prepared the stream
+                self.overruns += 1
+                log.warning("microphone %s overran (%d so far); audio was lost",
+                            self.device, self.overruns)
+                continue
+            if not length:
+                continue
+            samples = resampler(resample.to_float(raw, fmt, self.channel))
+            buf = np.concatenate((buf, samples))
+            while buf.size >= FRAME_SAMPLES:
+                frame = resample.float_to_s16(buf[:FRAME_SAMPLES])
+                buf = buf[FRAME_SAMPLES:]
+                self._hand_frame(frame)
+
+    def _hand_frame(self, frame: bytes) -> None:
+        result = self._in_thread(frame) if self._in_thread else None
+        with self._lock:
+            self.frames += 1
+            if len(self._pending) >= self._max_pending:
+                self._pending.popleft()
+                self.dropped += 1
+            self._pending.append((frame, result))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._deliver)
+
+    def _hand_status(self, event: object) -> None:
+        self._loop.call_soon_threadsafe(self._on_status, event)
+
+    # --- on the loop --------------------------------------------------------------------
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items = list(self._pending)
+            self._pending.clear()
+            self._scheduled = False
+        for frame, result in items:
+            self._on_frame(frame)
+            if result is not None:
+                self._on_result(result)

@@ -1,0 +1,317 @@
+"""The speaker: an ALSA playback thread with a per-response drain callback and barge-in flush."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import alsaaudio
+import numpy as np
+
+from speakerd.audio import resample
+from speakerd.audio.capture import describe_missing, negotiate
+from speakerd.audio.resample import DeviceFormat
+
+log = logging.getLogger(__name__)
+
+RATE = 24000  # what the realtime model sends
+PREFERRED = DeviceFormat(RATE, 1, "S16_LE")
+# 20 ms periods: a flush or a drain check is never more than one period late.
+# Six of them (120 ms) ride out a busy moment on a Pi Zero without an underrun.
+PERIOD_MS = 20
+PERIODS = 6
+
+
+@dataclass
+class _Response:
+    id: str
+    resampler: resample.Resampler
+    start: int | None = None  # device frame index of its first frame
+    end: int = 0  # device frame index just after its last written frame
+    finished: bool = False
+    chunks: int = 0  # converted chunks not yet written
+
+
+@dataclass
+class _State:
+    """Owned by the playback thread alone."""
+
+    pcm: alsaaudio.PCM | None = None
+    fmt: DeviceFormat | None = None
+    buffer_frames: int = 0
+    written: int = 0  # frames written since the device was opened
+    pending: collections.deque[tuple[str, bytes]] = field(default_factory=collections.deque)
+    responses: dict[str, _Response] = field(default_factory=dict)
+    last_active: float = 0.0
+
+
+class Playback:
+    """Plays 24 kHz s16le mono answers on `device`.
+
+    From the loop: `enqueue(pcm, response_id)` any number of times, then
+    `finish(response_id)`; `on_drained(response_id)` is then called on the loop
+    exactly once, after the response's last frame has left the device. `flush()`
+    stops at once and discards everything queued; `on_flushed({response_id:
+    played_ms})` reports what had actually been heard of each discarded response
+    (those get no on_drained). The device stays open between responses and is
+    released after `idle_close_seconds` of silence.
+    """
+
+    def __init__(self, device: str, *, loop: asyncio.AbstractEventLoop,
+                 on_drained: Callable[[str], None],
+                 on_flushed: Callable[[dict[str, int]], None] = lambda played: None,
+                 volume: float = 1.0, fmt: DeviceFormat = PREFERRED,
+                 period_ms: int = PERIOD_MS, periods: int = PERIODS,
+                 idle_close_seconds: float = 5.0) -> None:
+        self.device = device
+        self.want = fmt
+        self.volume = volume
+        self.period_ms = period_ms
+        self.periods = periods
+        self.idle_close_seconds = idle_close_seconds
+        self._loop = loop
+        self._on_drained = on_drained
+        self._on_flushed = on_flushed
+        self._commands: queue.Queue[tuple[int, str, str, bytes]] = queue.Queue()
+        self._lock = threading.Lock()
+        self._generation = 0  # bumped by flush(): commands from older generations are void
+        self._played: dict[str, int] = {}
+        self._thread: threading.Thread | None = None
+        self.got: DeviceFormat | None = None
+        self.frames_written = 0  # device frames, across opens; read it for stats only
+        self.underruns = 0
+        self.opens = 0
+        self.errors = 0
+
+    # --- the loop's side -----------------------------------------------------------
+
+    def check(self) -> None:
+        """Open and close the device once, at start-up: raises UnavailableError if absent."""
+        try:
+            pcm, self.got = negotiate(alsaaudio.PCM_PLAYBACK, self.device, self.want,
+                                      self.period_ms)
+        except alsaaudio.ALSAAudioError as e:
+            raise describe_missing(self.device, e, alsaaudio.PCM_PLAYBACK) from None
+        pcm.close()
+        log.info("speaker %s accepts %d Hz, %d channel(s), %s", self.device, self.got.rate,
+                 self.got.channels, self.got.format)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="playback", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._put("stop")
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def enqueue(self, pcm: bytes, response_id: str) -> None:
+        self._put("audio", response_id, pcm)
+
+    def finish(self, response_id: str) -> None:
+        """No more audio for this response: drain it, then call on_drained."""
+        self._put("finish", response_id)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._generation += 1
+        self._put("flush")
+
+    def played_ms(self, response_id: str) -> int:
+        with self._lock:
+            return self._played.get(response_id, 0)
+
+    def _put(self, kind: str, response_id: str = "", pcm: bytes = b"") -> None:
+        with self._lock:
+            generation = self._generation
+        self._commands.put((generation, kind, response_id, pcm))
+
+    # --- the playback thread --------------------------------------------------------
+
+    def _run(self) -> None:
+        s = _State()
+        seen_generation = 0
+        while True:
+            timeout = self._wait_time(s)
+            try:
+                generation, kind, rid, pcm = (self._commands.get(timeout=timeout)
+                                              if timeout else self._commands.get_nowait())
+            except queue.Empty:
+                kind = ""
+            with self._lock:
+                current = self._generation
+            if current != seen_generation:
+                seen_generation = current
+                self._flush(s)
+            if kind == "stop":
+                self._close(s)
+                return
+            if kind and kind != "flush" and generation == current:
+                self._command(s, kind, rid, pcm)
+            if s.pending:
+                self._write_one(s)
+            self._check_drained(s)
+            if (s.pcm is not None and not s.pending and not s.responses
+                    and time.monotonic() - s.last_active > self.idle_close_seconds):
+                self._close(s)
+
+    def _wait_time(self, s: _State) -> float | None:
+        """How long to wait for a command: not at all while there is audio to write."""
+        if s.pending:
+            return 0
+        if s.responses:  # waiting for play-out: look again after a period
+            return self.period_ms / 1000
+        if s.pcm is not None:
+            return self.idle_close_seconds
+        return None  # idle and closed: sleep until told
+
+    def _command(self, s: _State, kind: str, rid: str, pcm: bytes) -> None:
+        r = s.responses.get(rid)
+        if r is None:
+            r = s.responses[rid] = _Response(rid, resample.Resampler(RATE, self._rate(s)))
+        if kind == "audio":
+            samples = resample.s16_to_float(pcm)
+            if self.volume != 1.0:
+                samples = samples * np.float32(self.volume)
+            self._convert(s, r, samples, last=False)
+        elif kind == "finish":
+            self._convert(s, r, np.zeros(0, np.float32), last=True)
+            r.finished = True
+
+    def _rate(self, s: _State) -> int:
+        if s.fmt is None:
+            self._open(s)
+        return s.fmt.rate if s.fmt else RATE
+
+    def _convert(self, s: _State, r: _Response, samples: np.ndarray, last: bool) -> None:
+        if s.fmt is None:
+            return  # no device: the audio is dropped, the drain check reports it
+        out = r.resampler(samples, last=last)
+        if out.size:
+            s.pending.append((r.id, resample.from_float(out, s.fmt)))
+            r.chunks += 1
+
+    def _open(self, s: _State) -> None:
+        try:
+            s.pcm, s.fmt = negotiate(alsaaudio.PCM_PLAYBACK, self.device, self.want,
+                                     self.period_ms)
+        except alsaaudio.ALSAAudioError as e:
+            self.errors += 1
+            log.error("speaker %s cannot be opened: %s; this answer is not played",
+                      self.device, e)
+            return
+        info = s.pcm.info()
+        s.buffer_frames = int(info.get("buffer_size", s.fmt.rate * self.period_ms
+                                       * self.periods // 1000))
+        s.written = 0
+        self.opens += 1
+        self.got = s.fmt
+        s.last_active = time.monotonic()
+
+    def _close(self, s: _State) -> None:
+        if s.pcm is not None:
+            s.pcm.close()
+        s.pcm = None
+        s.fmt = None
+
+    def _write_one(self, s: _State) -> None:
+        rid, data = s.pending[0]
+        fmt = s.fmt
+        if s.pcm is None or fmt is None:
+            self._drop_pending(s)
+            return
+        period = fmt.rate * self.period_ms // 1000 * fmt.frame_bytes
+        piece, rest = data[:period], data[period:]
+        try:
+            if s.pcm.state() == alsaaudio.PCM_STATE_XRUN and s.written:
+                # Starved between writes (the server was slower than playback, or the
+                # loop stalled): a gap was heard. write() re-prepares the stream itself.
+                self.underruns += 1
+                log.warning("speaker %s underran (%d so far); a gap was heard",
+                            self.device, self.underruns)
+            n = s.pcm.write(piece)
+        except alsaaudio.ALSAAudioError as e:
+            self.errors += 1
+            log.error("speaker %s failed: %s; dropping the queued audio and reopening on "
+                      "the next answer", self.device, e)
+            self._drop_pending(s)
+            self._close(s)
+            return
+        if n < 0:  # -EPIPE: underran; the next write re-prepares the stream
+            self.underruns += 1
+            log.warning("speaker %s underran (%d so far); a gap was heard", self.device,
+                        self.underruns)
+            return
+        frames = n if n > 0 else 0
+        r = s.responses.get(rid)
+        if r is not None:
+            if r.start is None:
+                r.start = s.written
+            r.end = s.written + frames
+        s.written += frames
+        self.frames_written += frames
+        s.last_active = time.monotonic()
+        written_bytes = frames * fmt.frame_bytes
+        if written_bytes >= len(piece) and not rest:
+            s.pending.popleft()
+            if r is not None:
+                r.chunks -= 1
+        else:
+            s.pending[0] = (rid, data[written_bytes:])
+
+    def _drop_pending(self, s: _State) -> None:
+        """Forget unwritten audio; its responses then count as played out (and drain)."""
+        s.pending.clear()
+        for r in s.responses.values():
+            r.chunks = 0
+            r.end = min(r.end, s.written)
+
+    def _position(self, s: _State) -> int:
+        """Frames the device has played since it was opened."""
+        if s.pcm is None:
+            return s.written
+        try:
+            avail = s.pcm.avail()
+        except alsaaudio.ALSAAudioError:
+            return s.written
+        if avail < 0:  # XRUN: everything written has been played
+            return s.written
+        return s.written - max(0, s.buffer_frames - avail)
+
+    def _check_drained(self, s: _State) -> None:
+        if not s.responses:
+            return
+        position = self._position(s)
+        rate = s.fmt.rate if s.fmt else RATE
+        with self._lock:
+            for r in s.responses.values():
+                if r.start is not None:
+                    self._played[r.id] = max(0, min(position, r.end) - r.start) * 1000 // rate
+        for rid, r in list(s.responses.items()):
+            if r.finished and r.chunks <= 0 and (r.start is None or position >= r.end):
+                del s.responses[rid]
+                self._loop.call_soon_threadsafe(self._on_drained, rid)
+
+    def _flush(self, s: _State) -> None:
+        position = self._position(s)
+        rate = s.fmt.rate if s.fmt else RATE
+        played = {rid: (max(0, min(position, r.end) - r.start) * 1000 // rate
+                        if r.start is not None else 0)
+                  for rid, r in s.responses.items()}
+        if s.pcm is not None:
+            try:
+                s.pcm.drop()  # discard what the device holds; the next write re-prepares
+            except alsaaudio.ALSAAudioError as e:
+                log.warning("speaker %s: drop failed: %s", self.device, e)
+            s.written = 0
+        s.pending.clear()
+        s.responses.clear()
+        with self._lock:
+            self._played.update(played)
+        self._loop.call_soon_threadsafe(self._on_flushed, played)
