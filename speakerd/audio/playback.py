@@ -228,13 +228,8 @@ class Playback:
             return
         period = fmt.rate * self.period_ms // 1000 * fmt.frame_bytes
         piece, rest = data[:period], data[period:]
+        r = s.responses.get(rid)
         try:
-            if s.pcm.state() == alsaaudio.PCM_STATE_XRUN and s.written:
-                # Starved between writes (the server was slower than playback, or the
-                # loop stalled): a gap was heard. write() re-prepares the stream itself.
-                self.underruns += 1
-                log.warning("speaker %s underran (%d so far); a gap was heard",
-                            self.device, self.underruns)
             n = s.pcm.write(piece)
         except alsaaudio.ALSAAudioError as e:
             self.errors += 1
@@ -243,13 +238,17 @@ class Playback:
             self._drop_pending(s)
             self._close(s)
             return
-        if n < 0:  # -EPIPE: underran; the next write re-prepares the stream
-            self.underruns += 1
-            log.warning("speaker %s underran (%d so far); a gap was heard", self.device,
-                        self.underruns)
+        if n < 0:
+            # -EPIPE: the device had run dry; pyalsaaudio re-prepares it and this piece
+            # is written again next time round. Between answers that is the normal
+            # idle state; in the middle of one (the server or this thread was slower
+            # than playback) it was a gap the user heard.
+            if r is not None and r.start is not None:
+                self.underruns += 1
+                log.warning("speaker %s underran in the middle of an answer (%d so far); "
+                            "a gap was heard", self.device, self.underruns)
             return
-        frames = n if n > 0 else 0
-        r = s.responses.get(rid)
+        frames = n
         if r is not None:
             if r.start is None:
                 r.start = s.written
