@@ -45,8 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         config = configmod.load(path)
         api_key = configmod.resolve_api_key(config)
         if args.command == "config":
+            from speakerd import wakeword
+
+            wakeword.Detector.from_config(config.wake_word, path).close()
             if args.show:
                 sys.stdout.write(configmod.to_toml(config, api_key))
+                for name in config.wake_word.models:
+                    print(f"# wake word {wakeword.model_id(name)}: {wakeword.model_path(name)}")
             else:
                 print(f"{path}: OK")
             return EX_OK

@@ -51,6 +51,10 @@ class WakeWordConfig:
     threshold: float = _opt(0.5, "detection score, 0-1 (exclusive of 0)", lo=0.01, hi=1.0)
     refractory_seconds: float = _opt(2.0, "seconds after a detection with no new one",
                                      lo=0.0, hi=60.0)
+    trigger_level: int = _opt(1, "consecutive 80 ms frames above threshold to trigger",
+                              lo=1, hi=10)
+    model_thresholds: dict[str, float] = _opt({}, "per-model threshold overrides by model "
+                                              "name (file stem for a path)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +231,17 @@ def _check_cross(config: Config, path: str) -> None:
             raise ConfigError(path, "wake_word.models", f"model file {name} is missing or "
                               "not readable (built-in models: "
                               + ", ".join(BUILTIN_WAKE_WORDS) + ")")
+
+    ids = {m if m in BUILTIN_WAKE_WORDS else os.path.splitext(os.path.basename(m))[0]
+           for m in ww.models}
+    for name, value in ww.model_thresholds.items():
+        key = f"wake_word.model_thresholds.{name}"
+        if name not in ids:
+            raise ConfigError(path, key, "not one of wake_word.models (" + ", ".join(
+                sorted(ids)) + ")")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not 0.01 <= value <= 1.0:
+            raise ConfigError(path, key, "must be a number from 0.01 to 1")
 
     url_error = check_realtime_url(config.realtime.url)
     if url_error:

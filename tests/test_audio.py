@@ -60,7 +60,8 @@ class Frames:
 async def capture_frames(device: str, n: int, **kw) -> tuple[list[bytes], cap.Capture]:
     got = Frames()
     c = cap.Capture(device, loop=asyncio.get_running_loop(), on_frame=got.on_frame,
-                    on_status=got.on_status, max_pending_frames=100_000, **kw)
+                    on_status=got.on_status, max_pending_frames=100_000, streaming=True,
+                    **kw)
     c.start()
     try:
         frames = await got.wait(n)
@@ -118,13 +119,13 @@ class TestCaptureFileBacked:
         (tmp_path / "in.raw").write_bytes(s16(sine(16000, 1.0)))
         got = Frames()
         c = cap.Capture(f"filein:FILE={tmp_path}/in.raw", loop=asyncio.get_running_loop(),
-                        on_frame=got.on_frame, max_pending_frames=3)
+                        on_frame=got.on_frame, max_pending_frames=3, streaming=True)
         c.start()
         time.sleep(0.5)  # block the loop on purpose: the unpaced file device races ahead
         await got.wait(3)
         c.stop()
         assert c.dropped > 0
-        assert c.frames == c.dropped + len(got.frames) + len(c._pending)
+        assert c.frames >= c.dropped + len(got.frames)
 
     def test_unknown_device_is_a_clear_error_listing_known_pcms(self):
         c = cap.Capture("nosuchmic", loop=asyncio.new_event_loop(), on_frame=print)
@@ -349,12 +350,13 @@ class TestPaced:
         assert p.underruns >= 1
         assert p.played_ms("r") >= 450
 
-    async def test_capture_delivers_one_frame_every_80_ms(self, pulse, tmp_path):
+    async def test_capture_delivers_a_frame_per_80_ms_of_audio(self, pulse, tmp_path):
         import subprocess
         wav = tmp_path / "speech.wav"
         subprocess.run(["espeak-ng", "-w", str(wav), "testing one two three"], check=True)
         got = Frames()
-        c = cap.Capture("mic", loop=asyncio.get_running_loop(), on_frame=got.on_frame)
+        c = cap.Capture("mic", loop=asyncio.get_running_loop(), on_frame=got.on_frame,
+                        streaming=True)
         c.start()
         try:
             await got.wait(5)
@@ -364,7 +366,10 @@ class TestPaced:
         finally:
             c.stop()
         gaps = np.diff(got.times[5:40])
-        assert 0.07 <= float(np.median(gaps)) <= 0.09, gaps
+        rate = len(gaps) / (got.times[39] - got.times[5])
+        assert 11.0 <= rate <= 14.0, rate  # 12.5 frames a second: real time
+        # Two frames per 160 ms read; PulseAudio sometimes hands over two reads at once.
+        assert max(gaps) <= 0.5, gaps
         assert max(rms(f) for f in got.frames) > 300  # the speech came through
         assert c.got == DeviceFormat(16000, 1, "S16_LE")
 
@@ -383,7 +388,8 @@ class TestDeviceLoss:
     async def test_capture_reports_loss_retries_and_recovers(self, pulse2, caplog):
         got = Frames()
         c = cap.Capture("mic2", loop=asyncio.get_running_loop(), on_frame=got.on_frame,
-                        on_status=got.on_status, retry_first=0.1, retry_cap=0.5)
+                        on_status=got.on_status, retry_first=0.1, retry_cap=0.5,
+                        streaming=True)
         c.start()
         try:
             await got.wait(3)
@@ -412,3 +418,35 @@ class TestDeviceLoss:
         await sink.until(lambda: len(sink.drained) == 2, timeout=30)
         p.stop()
         assert p.errors >= 1 and p.opens >= 2
+
+
+class TestStreaming:
+    async def test_idle_capture_hands_no_frames_but_keeps_a_pre_roll(self, tmp_path):
+        pcm = s16(sine(16000, 6.0, 350) + 0.1 * RNG.standard_normal(96000).astype(np.float32))
+        (tmp_path / "in.raw").write_bytes(pcm)
+        got = Frames()
+        results: list[object] = []
+        preroll: list[bytes] = []
+
+        def in_thread(frame: bytes):
+            # Runs in the capture thread before frame number c.frames joins the ring:
+            # switching streaming on here is deterministic, unlike from the loop.
+            if c.frames == 20:
+                assert got.frames == []  # frames 0-19 were never handed to the loop
+                preroll.extend(c.stream(True, after_frame=17))
+            return "tick" if c.frames % 10 == 9 else None
+
+        c = cap.Capture(f"filein:FILE={tmp_path}/in.raw", loop=asyncio.get_running_loop(),
+                        on_frame=got.on_frame, in_thread=in_thread,
+                        on_result=results.append, preroll_seconds=0.4,
+                        max_pending_frames=100_000)
+        c.start()
+        try:
+            await got.wait(10)
+        finally:
+            c.stop()
+        assert len(preroll) == 2  # frames 18 and 19, from a 5-frame ring
+        start = 18 * cap.FRAME_BYTES
+        whole = b"".join(preroll + got.frames[:10])
+        assert whole == pcm[start:start + len(whole)]  # contiguous, in order, nothing lost
+        assert results[:2] == ["tick", "tick"]  # results went to the loop while idle

@@ -23,7 +23,7 @@ class TestDefaults:
         assert c.audio == config.AudioConfig(
             capture_device="default", playback_device="default", mixer_control="PCM",
             mixer_device="", playback_volume=0.8, follow_up_guard_ms=150)
-        assert c.wake_word == config.WakeWordConfig(("hey_jarvis",), 0.5, 2.0)
+        assert c.wake_word == config.WakeWordConfig(("hey_jarvis",), 0.5, 2.0, 1, {})
         assert c.realtime.url == "wss://api.openai.com/v1/realtime"
         assert c.realtime.model == "gpt-realtime"
         assert c.realtime.voice == "marin"
@@ -104,6 +104,12 @@ BAD = [
     ("[wake_word]\nmodels = ['/nonexistent/x.tflite']\n", "wake_word.models",
      "model file /nonexistent/x.tflite is missing or not readable (built-in models: alexa, "
      "hey_jarvis, hey_mycroft, hey_rhasspy, okay_nabu)"),
+    ("[wake_word]\nmodel_thresholds = { alexa = 0.4 }\n", "wake_word.model_thresholds.alexa",
+     "not one of wake_word.models (hey_jarvis)"),
+    ("[wake_word]\nmodel_thresholds = { hey_jarvis = 2 }\n",
+     "wake_word.model_thresholds.hey_jarvis", "must be a number from 0.01 to 1"),
+    ("[wake_word]\ntrigger_level = 0\n", "wake_word.trigger_level",
+     "0 is out of range (1 to 10)"),
     ("[leds]\npins = { purple = 5 }\n", "leds.pins.purple",
      "unknown LED (allowed: red, green, blue, status)"),
     ("[leds]\npins = { red = 40 }\n", "leds.pins.red", "must be a BCM pin number 1 to 27"),

@@ -22,7 +22,10 @@ RATE = 16000
 FRAME_MS = 80
 FRAME_SAMPLES = RATE * FRAME_MS // 1000  # 1280, what openWakeWord consumes
 FRAME_BYTES = FRAME_SAMPLES * 2
-PERIOD_MS = 20
+# Two frames per read: the microphone thread wakes 6 times a second, not 50, which
+# was most of what idle listening cost besides the models (bench/wakeword.py). The
+# price is up to 80 ms more before a wake word is seen.
+PERIOD_MS = 160
 # Preferred first; a device that refuses gets its own rate and format, converted here.
 PREFERRED = DeviceFormat(RATE, 1, "S16_LE")
 
@@ -100,12 +103,13 @@ def describe_missing(device: str, error: Exception, kind: int) -> UnavailableErr
 class Capture:
     """Reads `device` in its own thread and hands frames to the loop.
 
-    `on_frame(frame)` is called on the loop with each 80 ms frame (1280 samples of
-    16 kHz s16le mono) and `on_status(event)` with DeviceLost / DeviceBack. If the
-    loop falls behind, the oldest undelivered frames are dropped and counted.
-    `in_thread(frame)`, if given, runs in the capture thread for each frame (the
-    wake-word detector) and whatever non-None it returns is handed to `on_frame`'s
-    sibling `on_result` on the loop.
+    Every 80 ms frame (1280 samples of 16 kHz s16le mono) goes to `in_thread(frame)`
+    in the capture thread (the wake-word detector) and into a pre-roll ring of the
+    last `preroll_seconds`. Whatever `in_thread` returns other than None is handed to
+    `on_result` on the loop. Frames themselves reach `on_frame` on the loop only
+    while streaming (`stream(True)`): an idle speaker then wakes the loop only when
+    something was detected. If the loop falls behind, the oldest undelivered frames
+    are dropped and counted. `on_status` gets DeviceLost / DeviceBack.
     """
 
     def __init__(self, device: str, *, loop: asyncio.AbstractEventLoop,
@@ -114,6 +118,7 @@ class Capture:
                  in_thread: Callable[[bytes], object | None] | None = None,
                  on_result: Callable[[object], None] = lambda r: None,
                  fmt: DeviceFormat = PREFERRED, channel: int = 0,
+                 streaming: bool = False, preroll_seconds: float = 1.5,
                  max_pending_frames: int = 25, retry_first: float = 0.5,
                  retry_cap: float = 10.0) -> None:
         self.device = device
@@ -125,14 +130,19 @@ class Capture:
         self._on_status = on_status
         self._in_thread = in_thread
         self._on_result = on_result
-        self._pending: collections.deque[tuple[bytes, object | None]] = collections.deque()
+        self._pending: collections.deque[tuple[bytes | None, object | None]] = (
+            collections.deque())
         self._max_pending = max_pending_frames
+        self._ring: collections.deque[tuple[int, bytes]] = collections.deque(
+            maxlen=max(1, round(preroll_seconds * 1000 / FRAME_MS)))
+        self._streaming = streaming
         self._lock = threading.Lock()
         self._scheduled = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pcm: alsaaudio.PCM | None = None
         self._retry = (retry_first, retry_cap)
-        self.frames = 0
+        self.frames = 0  # frames read, and the index of the next one
         self.dropped = 0
         self.overruns = 0
         self.reopens = 0
@@ -158,10 +168,20 @@ class Capture:
         if self._thread:
             self._thread.join(timeout=5)
 
+    def stream(self, on: bool, after_frame: int = -1) -> list[bytes]:
+        """Start or stop handing frames to on_frame; starting returns the pre-roll.
+
+        The pre-roll is what the ring holds after frame index `after_frame` (the
+        wake word's last frame, say): speech that began before streaming did.
+        """
+        with self._lock:
+            self._streaming = on
+            return [f for i, f in self._ring if i > after_frame] if on else []
+
     # --- the capture thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        pcm: alsaaudio.PCM | None = self._pcm
+        pcm = self._pcm
         delay = self._retry[0]
         while not self._stop.is_set():
             if pcm is None:
@@ -189,7 +209,11 @@ class Capture:
     def _read_until_error(self, pcm: alsaaudio.PCM) -> None:
         fmt = self.got
         assert fmt is not None
+        # The usual case (plughw, PulseAudio, most USB mics) gives 16 kHz mono s16
+        # already: cut frames from the bytes and convert nothing.
+        direct = fmt == PREFERRED
         resampler = resample.Resampler(fmt.rate, RATE)
+        raw_buf = bytearray()
         buf = np.zeros(0, dtype=np.float32)
         while not self._stop.is_set():
             length, raw = pcm.read()
@@ -200,21 +224,29 @@ class Capture:
                 continue
             if not length:
                 continue
+            if direct:
+                raw_buf += raw
+                while len(raw_buf) >= FRAME_BYTES:
+                    self._hand_frame(bytes(raw_buf[:FRAME_BYTES]))
+                    del raw_buf[:FRAME_BYTES]
+                continue
             samples = resampler(resample.to_float(raw, fmt, self.channel))
             buf = np.concatenate((buf, samples))
             while buf.size >= FRAME_SAMPLES:
-                frame = resample.float_to_s16(buf[:FRAME_SAMPLES])
+                self._hand_frame(resample.float_to_s16(buf[:FRAME_SAMPLES]))
                 buf = buf[FRAME_SAMPLES:]
-                self._hand_frame(frame)
 
     def _hand_frame(self, frame: bytes) -> None:
         result = self._in_thread(frame) if self._in_thread else None
         with self._lock:
+            self._ring.append((self.frames, frame))
             self.frames += 1
+            if not self._streaming and result is None:
+                return
             if len(self._pending) >= self._max_pending:
                 self._pending.popleft()
                 self.dropped += 1
-            self._pending.append((frame, result))
+            self._pending.append((frame if self._streaming else None, result))
             if self._scheduled:
                 return
             self._scheduled = True
@@ -231,6 +263,7 @@ class Capture:
             self._pending.clear()
             self._scheduled = False
         for frame, result in items:
-            self._on_frame(frame)
+            if frame is not None:
+                self._on_frame(frame)
             if result is not None:
                 self._on_result(result)
