@@ -1,0 +1,462 @@
+"""The conversation state machine: no loop, no mocks; inputs in, exact actions out."""
+
+from __future__ import annotations
+
+import ast
+import logging
+from pathlib import Path
+
+import pytest
+
+from speakerd import session as s
+from speakerd.realtime import protocol as p
+from speakerd.session import State
+
+SETTINGS = s.Settings(follow_up_seconds=8.0, follow_up_guard_ms=150, max_session_seconds=600,
+                      audio_margin_seconds=2.0)
+
+
+def pcm(ms: int) -> bytes:
+    return b"\x01\x00" * (24 * ms)
+
+
+def brief(actions: list[object]) -> list[tuple]:
+    """Actions without event ids, timer tokens or PCM, for exact comparison."""
+    out: list[tuple] = []
+    for a in actions:
+        match a:
+            case s.Send(event=e):
+                fields = {k: v for k, v in e.items() if k not in ("type", "event_id")}
+                if e["type"] == "conversation.item.create":
+                    fields = {"call_id": e["item"]["call_id"], "output": e["item"]["output"]}
+                out.append(("send", e["type"], *sorted(fields.items())))
+            case s.StartTimer(name=n, seconds=sec):
+                out.append(("timer", n, round(sec, 3)))
+            case s.CancelTimer(name=n):
+                out.append(("cancel", n))
+            case s.PlayAudio(pcm=data, response_id=rid):
+                out.append(("play", rid, len(data) // 48))
+            case s.SetStatus():
+                continue  # its text is for people; SetLeds carries the state
+            case _:
+                out.append((type(a).__name__, *tuple(getattr(a, f) for f in a.__slots__)))
+    return out
+
+
+class Conv:
+    """A session plus helpers that walk it to a given point of a conversation."""
+
+    def __init__(self, **settings) -> None:
+        self.s = s.Session(s.Settings(**{**SETTINGS.__dict__, **settings})
+                           if settings else SETTINGS, strict=True)
+        self.timers: dict[str, int] = {}
+
+    def feed(self, inp: object) -> list[tuple]:
+        actions = self.s.handle(inp)
+        for a in actions:
+            if isinstance(a, s.StartTimer):
+                self.timers[a.name] = a.token
+        return brief(actions)
+
+    def fire(self, name: str) -> list[tuple]:
+        return self.feed(s.TimerFired(name, self.timers[name]))
+
+    def listening(self) -> None:
+        self.feed(s.WakeWordDetected("hey_jarvis", 40))
+        self.feed(s.SessionReady())
+        assert self.s.state is State.LISTENING
+
+    def responding(self, rid: str = "r1", audio_ms: int = 0) -> None:
+        self.listening()
+        self.feed(p.AudioCommitted("u1"))
+        self.feed(p.ResponseCreated(rid))
+        self.feed(p.OutputItemAdded(rid, f"item_{rid}", "message"))
+        if audio_ms:
+            self.feed(p.AudioDelta(rid, f"item_{rid}", 0, pcm(audio_ms)))
+        assert self.s.state is State.RESPONDING
+
+    def playing(self, rid: str = "r1", audio_ms: int = 3000) -> None:
+        self.responding(rid, audio_ms)
+        self.feed(p.ResponseDone(rid, "completed", ()))
+        assert self.s.state is State.AUDIO_PLAYING
+
+
+END = [("cancel", "session"), ("StreamMic", False, -1), ("CloseConnection",),
+       ("ResetWakeWord",), ("PlayCue", "end"), ("SetLeds", "idle")]
+
+
+class TestStart:
+    def test_wake_word_connects_cues_and_streams_from_after_the_wake_word(self):
+        c = Conv()
+        assert c.feed(s.WakeWordDetected("hey_jarvis", 40)) == [
+            ("PlayCue", "wake"), ("Connect",), ("StreamMic", True, 40),
+            ("timer", "connect", 45.0), ("timer", "session", 600.0),
+            ("SetLeds", "connecting")]
+
+    def test_talk_button_starts_without_a_wake_word(self):
+        c = Conv()
+        assert ("Connect",) in c.feed(s.ButtonPressed("talk"))
+        assert c.s.state is State.CONNECTING
+
+    def test_ready_starts_the_follow_up_window(self):
+        c = Conv()
+        c.feed(s.WakeWordDetected("hey_jarvis"))
+        assert c.feed(s.SessionReady()) == [("cancel", "connect"), ("timer", "follow_up", 8.0),
+                                            ("SetLeds", "listening")]
+
+
+class TestTurns:
+    def test_speech_committed_closes_the_mic_and_thinks(self):
+        c = Conv()
+        c.listening()
+        assert c.feed(p.SpeechStarted("u1")) == [("cancel", "follow_up")]
+        assert c.feed(p.AudioCommitted("u1")) == [
+            ("StreamMic", False, -1), ("timer", "response", 20.0), ("SetLeds", "thinking")]
+
+    def test_audio_deltas_play_and_response_done_waits_for_the_drain(self):
+        c = Conv()
+        c.responding("r1")
+        assert c.feed(p.AudioDelta("r1", "item_r1", 0, pcm(1000))) == [
+            ("play", "r1", 1000), ("timer", "response", 20.0)]
+        assert c.feed(p.ResponseDone("r1", "completed", ())) == [
+            ("cancel", "response"), ("FinishAudio", "r1"), ("timer", "drain", 3.0),
+            ("SetLeds", "audio_playing")]
+
+    def test_drain_reopens_the_mic_after_the_guard_for_a_follow_up(self):
+        c = Conv()
+        c.playing("r1", 1000)
+        assert c.feed(s.PlaybackDrained("r1")) == [
+            ("cancel", "drain"), ("timer", "follow_up", 8.0), ("timer", "mic_guard", 0.15),
+            ("SetLeds", "listening")]
+        assert c.fire("mic_guard") == [("StreamMic", True, -1)]
+
+    def test_second_turn_needs_no_wake_word(self):
+        c = Conv()
+        c.playing("r1", 500)
+        c.feed(s.PlaybackDrained("r1"))
+        c.fire("mic_guard")
+        assert c.feed(p.AudioCommitted("u2"))[-1] == ("SetLeds", "thinking")
+        assert c.feed(p.ResponseCreated("r2"))[-1] == ("SetLeds", "responding")
+
+    def test_response_without_audio_goes_straight_to_the_follow_up(self):
+        c = Conv()
+        c.responding("r1")
+        assert c.feed(p.ResponseDone("r1", "completed", ())) == [
+            ("cancel", "response"), ("timer", "follow_up", 8.0), ("timer", "mic_guard", 0.15),
+            ("SetLeds", "listening")]
+
+    def test_follow_up_window_ends_the_conversation(self):
+        c = Conv()
+        c.listening()
+        assert c.fire("follow_up") == END
+        assert c.s.state is State.IDLE
+
+    def test_audio_of_another_response_is_not_played(self):
+        c = Conv()
+        c.responding("r2")
+        assert c.feed(p.AudioDelta("r1", "old", 0, pcm(100))) == []
+
+
+class TestFailureOne:
+    """conversation_already_has_active_response is logged and survived."""
+
+    def test_active_response_error_changes_nothing(self, caplog):
+        c = Conv()
+        c.responding("r1", 500)
+        err = p.ServerError("invalid_request_error", "conversation_already_has_active_response",
+                            "Conversation already has an active response", None, "sd_9")
+        assert c.feed(err) == []
+        assert c.s.state is State.RESPONDING
+        assert "server refused event sd_9" in caplog.text
+        assert c.feed(p.ResponseDone("r1", "completed", ()))[-1] == ("SetLeds", "audio_playing")
+
+    @pytest.mark.parametrize("state", ["listening", "thinking", "playing"])
+    def test_request_errors_in_any_state_are_survived(self, state):
+        c = Conv()
+        {"listening": c.listening, "thinking": lambda: (c.listening(), c.feed(
+            p.AudioCommitted("u"))), "playing": c.playing}[state]()
+        before = c.s.state
+        assert c.feed(p.ServerError("invalid_request_error", "invalid_value", "x", None,
+                                    None)) == []
+        assert c.s.state is before
+
+    def test_unrecoverable_error_ends_with_an_error_cue_after_the_drain(self, caplog):
+        c = Conv()
+        c.playing("r1", 800)
+        assert c.feed(p.ServerError("invalid_request_error", "invalid_api_key", "bad key",
+                                    None, None)) == [("CloseConnection",)]
+        assert c.s.state is State.AUDIO_PLAYING  # still playing what was said
+        assert c.feed(s.Disconnected("closed by speakerd")) == []
+        out = c.feed(s.PlaybackDrained("r1"))
+        assert out[-2:] == [("timer", "error", 3.0), ("SetLeds", "error")]
+        assert ("PlayCue", "error") in out
+        assert "the API key was refused: check /etc/speakerd/openai.key" in caplog.text
+        assert c.fire("error") == [("SetLeds", "idle")]
+
+
+class TestFailureTwo:
+    """After function calls: exactly one response.create, after every output."""
+
+    def test_two_calls_two_outputs_then_one_response_create(self):
+        c = Conv()
+        c.responding("r1")
+        calls = (p.FunctionCall("c1", "get_time", "{}"),
+                 p.FunctionCall("c2", "get_volume", "{}"))
+        assert c.feed(p.ResponseDone("r1", "completed", calls)) == [
+            ("cancel", "response"), ("RunTool", calls[0]), ("RunTool", calls[1]),
+            ("timer", "response", 20.0), ("SetLeds", "thinking")]
+        assert c.feed(s.ToolDone("c2", '{"percent": 40}')) == [
+            ("send", "conversation.item.create", ("call_id", "c2"),
+             ("output", '{"percent": 40}'))]
+        assert c.feed(s.ToolDone("c1", '{"time": "12:00"}')) == [
+            ("send", "conversation.item.create", ("call_id", "c1"),
+             ("output", '{"time": "12:00"}')),
+            ("send", "response.create"), ("timer", "response", 20.0)]
+        assert c.feed(s.ToolDone("c1", "{}")) == []  # a duplicate result sends nothing
+        assert c.feed(p.ResponseCreated("r2"))[-1] == ("SetLeds", "responding")
+
+    def test_response_create_waits_while_another_response_is_active(self):
+        c = Conv()
+        c.responding("r1")
+        call = p.FunctionCall("c1", "get_time", "{}")
+        c.feed(p.ResponseDone("r1", "completed", (call,)))
+        c.feed(p.ResponseCreated("r2"))  # the server started another one meanwhile
+        out = c.feed(s.ToolDone("c1", "{}"))
+        assert ("send", "response.create") not in out
+        assert c.feed(p.ResponseDone("r2", "completed", ()))[:2] == [
+            ("cancel", "response"), ("send", "response.create")]
+
+    def test_tools_finishing_during_playback_create_the_next_response_at_once(self):
+        c = Conv()
+        c.responding("r1", 1500)
+        call = p.FunctionCall("c1", "get_time", "{}")
+        c.feed(p.ResponseDone("r1", "completed", (call,)))
+        assert c.s.state is State.AUDIO_PLAYING
+        out = c.feed(s.ToolDone("c1", '"noon"'))
+        assert out[-1] == ("send", "response.create")
+        c.feed(p.ResponseCreated("r2"))
+        assert c.s.state is State.RESPONDING
+        # r1's drain while r2 streams is not the end of the turn.
+        assert c.feed(s.PlaybackDrained("r1")) == [("cancel", "drain")]
+        assert c.s.state is State.RESPONDING
+
+    def test_drain_with_tools_outstanding_waits_thinking_not_listening(self):
+        c = Conv()
+        c.responding("r1", 500)
+        c.feed(p.ResponseDone("r1", "completed", (p.FunctionCall("c1", "slow", "{}"),)))
+        assert c.feed(s.PlaybackDrained("r1"))[-1] == ("SetLeds", "thinking")
+
+    def test_rejected_response_create_is_sent_again_after_the_active_one(self):
+        c = Conv()
+        c.responding("r1")
+        c.feed(p.ResponseDone("r1", "completed", (p.FunctionCall("c1", "t", "{}"),)))
+        out = c.s.handle(s.ToolDone("c1", "{}"))
+        create = next(a.event for a in out if isinstance(a, s.Send)
+                      and a.event["type"] == "response.create")
+        c.feed(p.ServerError("invalid_request_error", "conversation_already_has_active_response",
+                             "busy", None, create["event_id"]))
+        c.feed(p.ResponseCreated("r9"))
+        assert ("send", "response.create") in c.feed(p.ResponseDone("r9", "completed", ()))
+
+
+class TestFailureThree:
+    """The session never ends while the answer is still playing."""
+
+    @pytest.mark.parametrize("end", ["timer", "tool", "button", "shutdown"])
+    def test_end_requested_while_playing_waits_for_drain(self, end):
+        c = Conv()
+        c.playing("r1", 4000)
+        if end == "timer":
+            out = c.fire("session")
+        elif end == "button":
+            out = c.feed(s.ButtonPressed("talk_long"))
+        elif end == "shutdown":
+            out = c.feed(s.EndRequested("shutdown"))
+        else:
+            c.s.conv.turns.append(s._Turn("r0", {"c9"}))
+            out = c.feed(s.ToolDone("c9", "{}", end_conversation=True))
+            out = [a for a in out if a[0] != "send"]
+        assert out == []
+        assert c.s.state is State.AUDIO_PLAYING
+        end = END[1:] if end == "timer" else END  # a timer that fired has nothing to cancel
+        assert c.feed(s.PlaybackDrained("r1")) == [("cancel", "drain"), *end]
+
+    def test_end_requested_while_responding_waits_for_response_and_drain(self):
+        c = Conv()
+        c.responding("r1", 2000)
+        assert c.feed(s.EndRequested("shutdown")) == []
+        assert c.feed(p.ResponseDone("r1", "completed", ()))[-1] == ("SetLeds",
+                                                                     "audio_playing")
+        assert c.feed(s.PlaybackDrained("r1"))[-1] == ("SetLeds", "idle")
+
+    def test_end_requested_while_thinking_is_carried_out_after_the_answer(self):
+        c = Conv()
+        c.listening()
+        c.feed(p.AudioCommitted("u1"))
+        assert c.feed(s.EndRequested("shutdown")) == []
+        c.feed(p.ResponseCreated("r1"))
+        c.feed(p.AudioDelta("r1", "i", 0, pcm(300)))
+        c.feed(p.ResponseDone("r1", "completed", ()))
+        assert c.s.state is State.AUDIO_PLAYING
+        assert c.feed(s.PlaybackDrained("r1"))[-1] == ("SetLeds", "idle")
+
+    def test_end_while_listening_is_immediate(self):
+        c = Conv()
+        c.listening()
+        assert c.feed(s.EndRequested("shutdown")) == [("cancel", "session"),
+                                                      ("cancel", "follow_up"), *END[1:]]
+
+    def test_disconnect_mid_answer_plays_what_came_then_ends(self):
+        c = Conv()
+        c.responding("r1", 1200)
+        assert c.feed(s.Disconnected("connection lost without a close frame")) == [
+            ("FinishAudio", "r1"), ("timer", "drain", 3.2), ("cancel", "response"),
+            ("SetLeds", "audio_playing")]
+        assert c.feed(s.PlaybackDrained("r1")) == [("cancel", "drain"), *END]
+
+
+class TestFailureFour:
+    """The drain deadline comes from the audio queued, never a fixed number."""
+
+    @pytest.mark.parametrize("seconds", [1, 45, 300])
+    def test_deadline_is_queued_audio_plus_margin(self, seconds):
+        c = Conv()
+        c.responding("r1")
+        for _ in range(seconds):
+            c.feed(p.AudioDelta("r1", "item_r1", 0, pcm(1000)))
+        out = c.feed(p.ResponseDone("r1", "completed", ()))
+        assert ("timer", "drain", seconds + 2.0) in out
+
+    def test_a_45_second_answer_is_not_cut(self):
+        c = Conv()
+        c.responding("r1")
+        for _ in range(450):
+            c.feed(p.AudioDelta("r1", "item_r1", 0, pcm(100)))
+        c.feed(p.ResponseDone("r1", "completed", ()))
+        # No input but the drain moves it on: no timer shorter than the audio exists.
+        assert all(sec >= 45 for name, sec in
+                   [(a[1], a[2]) for a in c.feed(s.EndRequested("x")) if a[0] == "timer"])
+        assert c.s.state is State.AUDIO_PLAYING
+        assert c.s._tokens.keys() >= {"drain"}
+        assert c.feed(s.PlaybackDrained("r1"))[-1] == ("SetLeds", "idle")
+
+    def test_missing_drain_is_logged_flushed_and_recovered(self, caplog):
+        c = Conv()
+        c.playing("r1", 2500)
+        assert c.fire("drain") == [("FlushPlayback",), ("timer", "follow_up", 8.0),
+                                   ("timer", "mic_guard", 0.15), ("SetLeds", "listening")]
+        assert "did not report the end of 2500 ms of audio" in caplog.text
+        assert c.feed(s.PlaybackDrained("r1")) == []  # too late now: ignored
+
+    def test_deadline_covers_every_response_still_owed(self):
+        c = Conv()
+        c.responding("r1", 3000)
+        c.feed(p.ResponseDone("r1", "completed", (p.FunctionCall("c1", "t", "{}"),)))
+        c.feed(s.ToolDone("c1", "{}"))
+        c.feed(p.ResponseCreated("r2"))
+        c.feed(p.AudioDelta("r2", "i2", 0, pcm(2000)))
+        out = c.feed(p.ResponseDone("r2", "completed", ()))
+        assert ("timer", "drain", 7.0) in out  # 3 s of r1 still owed + 2 s of r2 + margin
+
+
+class TestBargeIn:
+    def test_wake_word_while_responding_cancels_flushes_and_truncates(self):
+        c = Conv()
+        c.responding("r1", 3000)
+        assert c.feed(s.WakeWordDetected("hey_jarvis", 300)) == [
+            ("send", "response.cancel"), ("FlushPlayback",), ("cancel", "response"),
+            ("StreamMic", True, 300), ("timer", "follow_up", 8.0), ("SetLeds", "listening")]
+        assert c.feed(s.PlaybackFlushed({"r1": 1234})) == [
+            ("send", "conversation.item.truncate", ("audio_end_ms", 1234),
+             ("content_index", 0), ("item_id", "item_r1"))]
+        # The cancelled response's end arrives later and is only bookkeeping.
+        assert c.feed(p.ResponseDone("r1", "cancelled", ())) == []
+        assert c.s.conv.active is None
+
+    def test_talk_button_while_playing_flushes_without_cancel(self):
+        c = Conv()
+        c.playing("r1", 3000)
+        out = c.feed(s.ButtonPressed("talk"))
+        assert ("send", "response.cancel") not in out
+        assert out[:2] == [("FlushPlayback",), ("cancel", "drain")]
+        assert c.s.state is State.LISTENING
+
+    def test_barge_in_withdraws_an_earlier_end_request(self):
+        c = Conv()
+        c.playing("r1", 3000)
+        c.feed(s.EndRequested("shutdown"))
+        c.feed(s.WakeWordDetected("hey_jarvis"))
+        assert c.s.conv.end is None
+
+
+class TestMute:
+    def test_mute_in_idle_disables_wake_word_and_shows_it(self):
+        c = Conv()
+        assert c.feed(s.ButtonPressed("mute")) == [
+            ("SetWakeWord", False), ("PlayCue", "end"), ("SetLeds", "muted")]
+        assert c.feed(s.WakeWordDetected("hey_jarvis")) == []
+        assert c.feed(s.ButtonPressed("talk")) == []
+        assert c.feed(s.ButtonPressed("mute")) == [
+            ("SetWakeWord", True), ("PlayCue", "wake"), ("SetLeds", "idle")]
+
+    def test_mute_during_a_conversation_closes_the_mic_and_ends_after_the_answer(self):
+        c = Conv()
+        c.playing("r1", 1000)
+        assert c.feed(s.ButtonPressed("mute")) == [
+            ("SetWakeWord", False), ("PlayCue", "end"), ("StreamMic", False, -1)]
+        out = c.feed(s.PlaybackDrained("r1"))
+        assert out[-1] == ("SetLeds", "muted")
+        assert c.s.state is State.IDLE
+
+
+class TestConnectFailures:
+    def test_unreachable_service_is_an_error_then_idle(self):
+        c = Conv()
+        c.feed(s.WakeWordDetected("hey_jarvis"))
+        out = c.feed(s.Disconnected("no connection after 5 attempts"))
+        assert out[-2:] == [("timer", "error", 3.0), ("SetLeds", "error")]
+        assert ("PlayCue", "error") in out
+
+    def test_connect_timeout(self):
+        c = Conv()
+        c.feed(s.WakeWordDetected("hey_jarvis"))
+        assert c.fire("connect")[-1] == ("SetLeds", "error")
+
+    def test_silent_server_while_responding_is_not_waited_on_forever(self):
+        c = Conv()
+        c.responding("r1", 500)
+        out = c.fire("response")
+        assert ("CloseConnection",) in out and ("FinishAudio", "r1") in out
+        assert c.feed(s.PlaybackDrained("r1"))[-1] == ("SetLeds", "idle")
+
+
+class TestLogging:
+    def test_every_state_change_logs_once_with_its_cause_and_field(self, caplog):
+        c = Conv()
+        with caplog.at_level(logging.INFO, logger="speakerd.session"):
+            c.playing("r1", 100)
+            c.feed(s.PlaybackDrained("r1"))
+        changes = [r for r in caplog.records if hasattr(r, "SPEAKERD_STATE")]
+        assert [r.SPEAKERD_STATE for r in changes] == [
+            "connecting", "listening", "thinking", "responding", "audio_playing",
+            "listening"]
+        assert changes[0].getMessage() == "idle -> connecting: wake word hey_jarvis"
+        assert changes[-1].getMessage() == "audio_playing -> listening: response r1 played out"
+
+
+def test_session_module_imports_nothing_that_does_io():
+    tree = ast.parse(Path(s.__file__).read_text())
+    imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree)
+                if isinstance(n, ast.Import)}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                 if isinstance(n, ast.ImportFrom) and n.module}
+    assert not imported & {"asyncio", "time", "socket", "alsaaudio", "websockets", "gpiozero",
+                           "threading", "select", "subprocess", "datetime"}
+    assert imported <= {"__future__", "enum", "logging", "collections", "dataclasses",
+                        "typing", "speakerd"}
+
+
+def test_strict_mode_refuses_an_input_the_table_does_not_know():
+    c = Conv()
+    with pytest.raises(s.UnhandledInput, match="can't handle object in state idle"):
+        c.s.handle(object())
