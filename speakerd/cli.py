@@ -72,7 +72,8 @@ def _run(config: configmod.Config, api_key: configmod.Secret | None) -> int:
         log.warning("no API key configured (realtime.api_key_file, the systemd credential "
                     "openai-key, or $OPENAI_API_KEY): conversations will fail until one is set")
     try:
-        return asyncio.run(Daemon(config, notifier=Notifier(), redact=redact).run())
+        return asyncio.run(Daemon(config, notifier=Notifier(), redact=redact,
+                                  api_key=api_key).run())
     except SpeakerdError:
         raise
     except Exception as e:

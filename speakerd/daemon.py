@@ -1,51 +1,146 @@
-"""Runs speakerd on one asyncio loop: signals, config reload, watchdog, and the parts it wires."""
+"""Runs speakerd on one asyncio loop: wires audio, wake word, socket and tools to the session."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import signal
+from collections.abc import Callable
+from typing import Any
 
 from speakerd import __version__
 from speakerd import config as configmod
 from speakerd import log as logmod
+from speakerd import session as s
+from speakerd.audio import capture as capmod
+from speakerd.audio import cues as cuesmod
+from speakerd.audio import playback as pbmod
+from speakerd.audio import resample
 from speakerd.errors import ConfigError
 from speakerd.notify import Notifier
+from speakerd.realtime import client as clientmod
+from speakerd.realtime import protocol
+from speakerd.tools import Registry
+from speakerd.tools.builtin import BUILTIN
+from speakerd.wakeword import Detection, Detector
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_GRACE = 5.0  # seconds an answer may still play after SIGTERM
+
+
+def session_settings(c: configmod.Config) -> s.Settings:
+    return s.Settings(follow_up_seconds=c.conversation.follow_up_seconds,
+                      follow_up_guard_ms=c.audio.follow_up_guard_ms,
+                      max_session_seconds=c.conversation.max_session_seconds,
+                      wake_cue=c.cues.wake, end_cue=c.cues.end)
+
 
 class Daemon:
-    """Owns the loop's state. Call `await run()`; it returns the process exit code."""
+    """Owns the loop's state. `await run()` returns the process exit code.
+
+    Inputs from every source go through one queue into `Session.handle`; each
+    returned action is carried out by the handler its type names in `_handlers`.
+    """
 
     def __init__(self, config: configmod.Config, *, notifier: Notifier,
-                 redact: logmod.RedactFilter) -> None:
+                 redact: logmod.RedactFilter, api_key: configmod.Secret | None = None,
+                 tools: Registry | None = None) -> None:
         self.config = config
         self.notifier = notifier
         self.redact = redact
+        self.api_key = api_key
+        self.tools = tools or Registry(list(BUILTIN.values()))
+        self.session = s.Session(session_settings(config))
+        self._inputs: asyncio.Queue[object] = asyncio.Queue()
         self._stop = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._idle = asyncio.Event()  # set whenever the session comes to rest
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._client: clientmod.RealtimeClient | None = None
+        self._mic_resampler: resample.Resampler | None = None
+        self._cue_ids = itertools.count(1)
+        self._cues = cuesmod.make_cues()
+        self.capture: capmod.Capture | None = None
+        self.playback: pbmod.Playback | None = None
+        self.detector: Detector | None = None
+        self._handlers: dict[type, Callable[[Any], None]] = {
+            s.Connect: self._connect, s.CloseConnection: self._close,
+            s.Send: self._send, s.PlayAudio: self._play, s.FinishAudio: self._finish,
+            s.FlushPlayback: self._flush, s.PlayCue: self._cue, s.StreamMic: self._stream,
+            s.SetWakeWord: self._set_wake_word, s.ResetWakeWord: self._reset_wake_word,
+            s.RunTool: self._run_tool, s.StartTimer: self._start_timer,
+            s.CancelTimer: self._cancel_timer, s.SetLeds: self._leds,
+            s.SetStatus: self._status,
+        }
+
+    # --- life ---------------------------------------------------------------------
+
+    def open_devices(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Load the models and open the audio devices; ConfigError / UnavailableError."""
+        c = self.config
+        self.detector = Detector.from_config(c.wake_word, c.path)
+        self.detector.warm_up()  # 8 s of feature warm-up now, not on the first word
+        self.playback = pbmod.Playback(c.audio.playback_device, loop=loop,
+                                       on_drained=self._drained, on_flushed=self._flushed,
+                                       volume=c.audio.playback_volume)
+        self.playback.check()
+        self.capture = capmod.Capture(c.audio.capture_device, loop=loop,
+                                      on_frame=self._mic_frame, on_status=self._device,
+                                      in_thread=self.detector.process,
+                                      on_result=self._detected)
+        self.capture.open()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop, "SIGTERM")
-        loop.add_signal_handler(signal.SIGINT, self.request_stop, "SIGINT")
+        self.open_devices(loop)
+        assert self.capture and self.playback
+        for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
+            loop.add_signal_handler(sig, self.request_stop, why)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.playback.start()
+        self.capture.start()
         if self.notifier.watchdog_interval:
-            self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+            self._spawn(self._watchdog(), "watchdog")
+        worker = self._spawn(self._work(), "session")
         self._log_startup()
-        self.notifier.ready("idle")
+        self.notifier.ready(s.STATUS[s.State.IDLE])
         try:
             await self._stop.wait()
+            await self._wind_down()
         finally:
             self.notifier.stopping()
-            for task in self._tasks:
+            worker.cancel()
+            for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            for handle in self._timers.values():
+                handle.cancel()
+            self.capture.stop()
+            self.playback.stop()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         log.info("speakerd stopped")
         return 0
+
+    async def _wind_down(self) -> None:
+        """SIGTERM mid-conversation: let the answer finish if it does so soon."""
+        if self.session.state in (s.State.IDLE, s.State.ERROR):
+            return
+        self.put(s.EndRequested("shutdown"))
+        try:
+            await asyncio.wait_for(self._until_idle(), SHUTDOWN_GRACE)
+        except TimeoutError:
+            log.warning("the answer did not finish within %.0f s of SIGTERM; cut it off",
+                        SHUTDOWN_GRACE)
+        if self._client:
+            self._client.close()
+
+    async def _until_idle(self) -> None:
+        while self.session.state not in (s.State.IDLE, s.State.ERROR):
+            await self._idle.wait()
+            self._idle.clear()
 
     def request_stop(self, why: str = "request") -> None:
         if not self._stop.is_set():
@@ -65,10 +160,158 @@ class Daemon:
             return
         if key:
             self.redact.add(key.reveal())
+            self.api_key = key
         self.config = new
+        # Takes effect from the next conversation; devices and models stay as opened.
+        self.session.settings = session_settings(new)
+        if self.playback:
+            self.playback.volume = new.audio.playback_volume
         logmod.set_level(new.log.level)
         log.info("config reloaded from %s", path)
-        self.notifier.ready("idle")
+        self.notifier.ready(s.STATUS[self.session.state])
+
+    # --- the one place inputs meet the session -------------------------------------
+
+    def put(self, inp: object) -> None:
+        self._inputs.put_nowait(inp)
+
+    async def _work(self) -> None:
+        while True:
+            inp = await self._inputs.get()
+            for action in self.session.handle(inp):
+                try:
+                    self._handlers[type(action)](action)
+                except Exception:
+                    # One failed action must not take the conversation down with it.
+                    log.exception("could not carry out %s", type(action).__name__)
+            if self.session.state in (s.State.IDLE, s.State.ERROR):
+                self._idle.set()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- sources of inputs -----------------------------------------------------------
+
+    def _detected(self, result: object) -> None:
+        if isinstance(result, Detection):
+            self.put(s.WakeWordDetected(result.model, result.frame))
+
+    def _device(self, event: object) -> None:
+        if isinstance(event, capmod.DeviceLost):
+            self.notifier.status(f"waiting for audio device {event.device}")
+        elif isinstance(event, capmod.DeviceBack):
+            self.notifier.status(s.STATUS[self.session.state])
+
+    def _drained(self, rid: str) -> None:
+        if not rid.startswith("cue:"):
+            self.put(s.PlaybackDrained(rid))
+
+    def _flushed(self, played: dict[str, int]) -> None:
+        heard = {rid: ms for rid, ms in played.items() if not rid.startswith("cue:")}
+        if heard:
+            self.put(s.PlaybackFlushed(heard))
+
+    def _from_client(self, client: clientmod.RealtimeClient, event: object) -> None:
+        if client is not self._client:
+            return  # a socket of an earlier conversation, still closing
+        if isinstance(event, clientmod.Ready):
+            self.put(s.SessionReady())
+        elif isinstance(event, clientmod.Disconnected):
+            self._client = None
+            self.put(s.Disconnected(event.reason, event.unrecoverable))
+        else:
+            self.put(event)
+
+    def _mic_frame(self, frame: bytes) -> None:
+        if self._client is None or self._mic_resampler is None:
+            return
+        x = self._mic_resampler(resample.s16_to_float(frame))
+        self._client.append_audio(resample.float_to_s16(x))
+
+    # --- actions ------------------------------------------------------------------
+
+    def _connect(self, a: s.Connect) -> None:
+        c = self.config.realtime
+        update = protocol.session_update(model=c.model, instructions=c.instructions,
+                                         voice=c.voice, turn_detection=c.turn_detection,
+                                         tools=self.tools.schemas())
+        client = clientmod.RealtimeClient(
+            url=c.url, model=c.model, api_key=self.api_key, session_update=update,
+            on_event=lambda event: self._from_client(client, event))
+        self._client = client
+        self._spawn(client.run(), "realtime")
+
+    def _close(self, a: s.CloseConnection) -> None:
+        if self._client:
+            self._client.close()
+
+    def _send(self, a: s.Send) -> None:
+        if self._client:
+            self._client.send(a.event)
+
+    def _play(self, a: s.PlayAudio) -> None:
+        assert self.playback
+        self.playback.enqueue(a.pcm, a.response_id)
+
+    def _finish(self, a: s.FinishAudio) -> None:
+        assert self.playback
+        self.playback.finish(a.response_id)
+
+    def _flush(self, a: s.FlushPlayback) -> None:
+        assert self.playback
+        self.playback.flush()
+
+    def _cue(self, a: s.PlayCue) -> None:
+        assert self.playback
+        rid = f"cue:{a.name}:{next(self._cue_ids)}"
+        self.playback.enqueue(self._cues[a.name], rid)
+        self.playback.finish(rid)
+
+    def _stream(self, a: s.StreamMic) -> None:
+        assert self.capture
+        if a.on:
+            self._mic_resampler = resample.Resampler(capmod.RATE, protocol.SAMPLE_RATE)
+        preroll = self.capture.stream(a.on, a.after_frame)
+        if not a.on:
+            self._mic_resampler = None
+        for frame in preroll:
+            self._mic_frame(frame)
+
+    def _set_wake_word(self, a: s.SetWakeWord) -> None:
+        assert self.detector
+        self.detector.enabled = a.enabled
+
+    def _reset_wake_word(self, a: s.ResetWakeWord) -> None:
+        assert self.detector
+        self.detector.reset()
+
+    def _run_tool(self, a: s.RunTool) -> None:
+        async def run() -> None:
+            result = await self.tools.run(a.call.name, a.call.arguments)
+            self.put(s.ToolDone(a.call.call_id, result.output, result.end_conversation))
+        self._spawn(run(), f"tool {a.call.name}")
+
+    def _start_timer(self, a: s.StartTimer) -> None:
+        self._cancel_timer(s.CancelTimer(a.name))
+        loop = asyncio.get_running_loop()
+        self._timers[a.name] = loop.call_later(a.seconds, self.put,
+                                               s.TimerFired(a.name, a.token))
+
+    def _cancel_timer(self, a: s.CancelTimer) -> None:
+        handle = self._timers.pop(a.name, None)
+        if handle:
+            handle.cancel()
+
+    def _leds(self, a: s.SetLeds) -> None:
+        pass  # the LED module plugs in here
+
+    def _status(self, a: s.SetStatus) -> None:
+        self.notifier.status(a.text)
+
+    # --- housekeeping ----------------------------------------------------------------
 
     async def _watchdog(self) -> None:
         # Pinged from the loop itself: if the loop wedges, the pings stop and
@@ -85,3 +328,5 @@ class Daemon:
                  "model %s at %s", __version__, c.path, ",".join(c.wake_word.models),
                  c.audio.capture_device, c.audio.playback_device, c.realtime.model,
                  c.realtime.url, extra=logmod.fields(state="idle", event="start"))
+
+

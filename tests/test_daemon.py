@@ -38,12 +38,16 @@ class Daemon:
         self.notify.close()
 
 
+# Paced PulseAudio devices: an unpaced file capture would feed the detector flat out.
+DEVICES = '[audio]\ncapture_device = "mic"\nplayback_device = "spk"\n'
+
+
 @pytest.fixture
-def daemon(tmp_path, write_config):
+def daemon(tmp_path, write_config, pulse):
     started: list[Daemon] = []
 
     def start(config_text: str = "", **env: str) -> Daemon:
-        d = Daemon(tmp_path, write_config(config_text), **env)
+        d = Daemon(tmp_path, write_config(DEVICES + config_text), **env)
         started.append(d)
         return d
     yield start
@@ -55,7 +59,7 @@ class TestReadiness:
     def test_ready_with_status_after_logging_startup(self, daemon):
         d = daemon()
         ready = d.notify.wait_for("READY", "1")
-        assert ready.fields["STATUS"] == "idle"
+        assert ready.fields["STATUS"] == "idle: listening for the wake word"
         assert "speakerd 0.1.0 started: config" in d.stderr
         assert "[SPEAKERD_STATE=idle SPEAKERD_EVENT=start]" in d.stderr
 
@@ -97,7 +101,7 @@ class TestSignals:
     def test_sighup_reloads_a_good_file(self, daemon, write_config):
         d = daemon()
         d.notify.wait_for("READY", "1")
-        write_config("[log]\nlevel = 'debug'\n")
+        write_config(DEVICES + "[log]\nlevel = 'debug'\n")
         d.proc.send_signal(signal.SIGHUP)
         reloading = d.notify.wait_for("RELOADING", "1")
         now_usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -111,7 +115,7 @@ class TestSignals:
                                                                      write_config):
         d = daemon()
         d.notify.wait_for("READY", "1")
-        path = write_config("[wake_word]\ntreshold = 0.3\n")
+        path = write_config(DEVICES + "[wake_word]\ntreshold = 0.3\n")
         d.proc.send_signal(signal.SIGHUP)
         d.notify.wait_for("STATUS", "idle (config reload failed, old config kept)")
         assert d.proc.poll() is None
@@ -129,8 +133,9 @@ class TestSignals:
         assert "no API key configured" not in d.stderr
 
 
-def test_runs_without_notify_socket(tmp_path, write_config):
-    proc = subprocess.Popen([*SPEAKERD, "run", "--config", str(write_config(""))], cwd=ROOT,
+def test_runs_without_notify_socket(tmp_path, write_config, pulse):
+    proc = subprocess.Popen([*SPEAKERD, "run", "--config", str(write_config(DEVICES))],
+                            cwd=ROOT,
                             env=clean_env(), stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stderr is not None
@@ -141,3 +146,20 @@ def test_runs_without_notify_socket(tmp_path, write_config):
         assert proc.wait(timeout=5) == 0
     finally:
         proc.kill()
+
+
+class TestDevices:
+    def test_missing_microphone_exits_69_naming_it(self, write_config):
+        path = write_config('[audio]\ncapture_device = "nosuchmic"\nplayback_device = "spk"\n')
+        r = subprocess.run([*SPEAKERD, "run", "--config", str(path)], cwd=ROOT,
+                           env=clean_env(), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 69
+        assert "speakerd: cannot open ALSA capture device 'nosuchmic': " in r.stderr
+        assert "(PCMs alsa-lib knows: " in r.stderr
+
+    def test_missing_speaker_exits_69_naming_it(self, write_config):
+        path = write_config('[audio]\ncapture_device = "mic"\nplayback_device = "nospk"\n')
+        r = subprocess.run([*SPEAKERD, "run", "--config", str(path)], cwd=ROOT,
+                           env=clean_env(), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 69
+        assert "speakerd: cannot open ALSA playback device 'nospk': " in r.stderr

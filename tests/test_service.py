@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from . import audio_devices
 from .conftest import ROOT, need
 
 HELPERS = ROOT / "tests" / "helpers"
@@ -41,8 +42,10 @@ def _test_unit(scratch: Path) -> str:
         f"WorkingDirectory={ROOT}",
         # PrivateTmp= hides /tmp, where pytest keeps the configs (and CI may keep the
         # clone and its venv).
-        f"BindReadOnlyPaths={scratch} {ROOT} {sys.prefix}",
+        f"BindReadOnlyPaths={scratch} {ROOT} {sys.prefix} {audio_devices.DIR}",
+        f"Environment=ALSA_CONFIG_PATH={audio_devices.ASOUNDRC}",
         "Environment=SPEAKERD_LOG_TARGET=stderr",
+        f"StandardError=append:{scratch}/speakerd.log",
         # Short enough for a test; the shipped 30 s is checked in test_unit.py.
         "WatchdogSec=2", "TimeoutStopSec=3", "RestartSec=0.2",
     ]
@@ -50,12 +53,12 @@ def _test_unit(scratch: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def scenario(tmp_path_factory):
+def scenario(tmp_path_factory, pulse):
     need(os.getuid() == 0 and shutil.which("unshare") is not None,
          "root and unshare(1) for a private user manager")
     need(os.path.exists("/lib/systemd/systemd"), "systemd")
     d = tmp_path_factory.mktemp("manager")
-    (d / "good.toml").write_text("")
+    (d / "good.toml").write_text('[audio]\ncapture_device = "mic"\nplayback_device = "spk"\n')
     (d / "bad.toml").write_text("[wake_word]\ntreshold = 0.3\n")
     (d / "unit").write_text(_test_unit(d))
     r = subprocess.run(
@@ -63,14 +66,16 @@ def scenario(tmp_path_factory):
          str(d), sys.executable, str(HELPERS / "unit_scenario.py"), str(d / "unit"),
          str(d / "good.toml"), str(d / "bad.toml")],
         capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr + (d / "manager.log").read_text()[-3000:]
+    log = (d / "speakerd.log").read_text() if (d / "speakerd.log").exists() else ""
+    assert r.returncode == 0, r.stderr + (d / "manager.log").read_text()[-3000:] + log
     return json.loads(r.stdout)
 
 
 def test_type_notify_start_waits_for_ready(scenario):
     assert scenario["start_rc"] == 0
     s = scenario["after_start"]
-    assert (s["ActiveState"], s["SubState"], s["StatusText"]) == ("active", "running", "idle")
+    assert (s["ActiveState"], s["SubState"], s["StatusText"]) == (
+        "active", "running", "idle: listening for the wake word")
 
 
 def test_missed_watchdog_restarts_the_service(scenario):

@@ -1,0 +1,127 @@
+"""Function tools the model may call: a registry that validates, times out and reports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Tool:
+    """A name, what it does (the model reads this), a JSON schema for its arguments,
+    and an async function taking those arguments as keywords."""
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any]
+    func: Callable[..., Awaitable[Any]]
+    ends_conversation: bool = False
+
+    def schema(self) -> dict[str, Any]:
+        """As session.update's `tools` wants it (a RealtimeFunctionTool)."""
+        return {"type": "function", "name": self.name, "description": self.description,
+                "parameters": dict(self.parameters)}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    output: str  # JSON text for function_call_output
+    ok: bool
+    end_conversation: bool = False
+
+
+class ArgumentError(ValueError):
+    """The model's arguments do not fit the tool's schema."""
+
+
+class Registry:
+    def __init__(self, tools: list[Tool] | None = None, *,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.tools: dict[str, Tool] = {}
+        self.timeout = timeout
+        for tool in tools or []:
+            self.add(tool)
+
+    def add(self, tool: Tool) -> None:
+        if tool.name in self.tools:
+            raise ValueError(f"tool {tool.name} is registered twice")
+        self.tools[tool.name] = tool
+
+    def schemas(self) -> list[dict[str, Any]]:
+        return [t.schema() for t in self.tools.values()]
+
+    async def run(self, name: str, arguments: str) -> Result:
+        """Call a tool as the model asked. Never raises: failures become outputs the
+        model can speak ("the tool failed: ..."), logged once here."""
+        tool = self.tools.get(name)
+        if tool is None:
+            return self._failed(name, f"there is no tool named {name!r}")
+        try:
+            args = json.loads(arguments or "{}")
+            if not isinstance(args, dict):
+                raise ArgumentError("arguments must be a JSON object")
+            validate(args, tool.parameters)
+        except (json.JSONDecodeError, ArgumentError) as e:
+            return self._failed(name, f"invalid arguments: {e}")
+        try:
+            value = await asyncio.wait_for(tool.func(**args), self.timeout)
+            output = json.dumps(value)
+        except TimeoutError:
+            return self._failed(name, f"it did not finish within {self.timeout:g} s")
+        except (TypeError, ValueError) as e:
+            return self._failed(name, f"{type(e).__name__}: {e}")
+        except Exception as e:  # a tool is third-party code: its bug must not end the talk
+            log.exception("tool %s raised", name)
+            return self._failed(name, f"{type(e).__name__}: {e}", logged=True)
+        log.info("tool %s(%s) -> %s", name, arguments, output[:200],
+                 extra={"SPEAKERD_EVENT": "tool"})
+        return Result(output, True, tool.ends_conversation)
+
+    def _failed(self, name: str, why: str, logged: bool = False) -> Result:
+        if not logged:
+            log.warning("tool %s failed: %s", name, why, extra={"SPEAKERD_EVENT": "tool"})
+        return Result(json.dumps({"error": f"the tool failed: {why}"}), False)
+
+
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "string": str, "integer": int, "number": (int, float), "boolean": bool,
+    "object": dict, "array": list}
+
+
+def validate(value: Any, schema: Mapping[str, Any], path: str = "") -> None:
+    """The JSON-schema subset tools use: type, properties, required, enum, minimum,
+    maximum, additionalProperties false, items. Raises ArgumentError naming the field."""
+    where = path or "arguments"
+    kind = schema.get("type")
+    if kind:
+        want = _TYPES[kind]
+        if not isinstance(value, want) or (isinstance(value, bool) and kind in (
+                "integer", "number")):
+            raise ArgumentError(f"{where} must be {kind}")
+    if "enum" in schema and value not in schema["enum"]:
+        raise ArgumentError(f"{where} must be one of {schema['enum']}")
+    if "minimum" in schema and value < schema["minimum"]:
+        raise ArgumentError(f"{where} must be at least {schema['minimum']}")
+    if "maximum" in schema and value > schema["maximum"]:
+        raise ArgumentError(f"{where} must be at most {schema['maximum']}")
+    if isinstance(value, dict):
+        props = schema.get("properties", {})
+        for key in schema.get("required", []):
+            if key not in value:
+                raise ArgumentError(f"{path + '.' if path else ''}{key} is required")
+        for key, item in value.items():
+            if key in props:
+                validate(item, props[key], f"{path + '.' if path else ''}{key}")
+            elif schema.get("additionalProperties") is False:
+                raise ArgumentError(f"unknown argument {key!r}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            validate(item, schema["items"], f"{where}[{i}]")
