@@ -88,12 +88,22 @@ class CuesConfig:
 class LedsConfig:
     pins: dict[str, int] = _opt({}, "BCM pin per LED: red/green/blue (RGB) or status")
     active_high: bool = _opt(True, "true when a high pin lights the LED")
+    patterns: dict[str, dict[str, Any]] = _opt({}, "per-state overrides of the default "
+                                               "patterns: { kind, color, on_seconds, "
+                                               "off_seconds }")
 
 
 @dataclass(frozen=True, slots=True)
 class ButtonsConfig:
     mute: int = _opt(0, "BCM pin of the mute button; 0 disables", lo=0, hi=MAX_BCM_PIN)
     talk: int = _opt(0, "BCM pin of the talk button; 0 disables", lo=0, hi=MAX_BCM_PIN)
+    volume_up: int = _opt(0, "BCM pin of the volume-up button; 0 disables", lo=0,
+                          hi=MAX_BCM_PIN)
+    volume_down: int = _opt(0, "BCM pin of the volume-down button; 0 disables", lo=0,
+                            hi=MAX_BCM_PIN)
+    bounce_time: float = _opt(0.05, "seconds a press must settle (debounce)", lo=0.0, hi=1.0)
+    pull_up: bool = _opt(True, "true for buttons wired to ground")
+    remember_mute: bool = _opt(False, "keep the mute state across restarts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,14 +270,51 @@ def _check_cross(config: Config, path: str) -> None:
                               f"must be a BCM pin number 1 to {MAX_BCM_PIN}")
     if "status" in pins and len(pins) > 1:
         raise ConfigError(path, "leds.pins", "use either status or red/green/blue, not both")
+    _check_patterns(config.leds.patterns, path)
     used: dict[int, str] = {}
-    buttons = {f"buttons.{n}": getattr(config.buttons, n) for n in ("mute", "talk")}
+    buttons = {f"buttons.{n}": getattr(config.buttons, n)
+               for n in ("mute", "talk", "volume_up", "volume_down")}
     for key, pin in [*((f"leds.pins.{n}", p) for n, p in pins.items()), *buttons.items()]:
         if pin == 0:
             continue
         if pin in used:
             raise ConfigError(path, key, f"pin {pin} is already used by {used[pin]}")
         used[pin] = key
+
+
+# The states LEDs show, and what each pattern may say.
+LED_STATES = ("idle", "connecting", "listening", "thinking", "responding", "audio_playing",
+              "muted", "error")
+PATTERN_KINDS = ("off", "solid", "blink", "pulse")
+PATTERN_KEYS = {"kind": str, "color": list, "on_seconds": float, "off_seconds": float}
+
+
+def _check_patterns(patterns: dict[str, Any], path: str) -> None:
+    for state, spec in patterns.items():
+        key = f"leds.patterns.{state}"
+        if state not in LED_STATES:
+            close = difflib.get_close_matches(state, LED_STATES, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else "allowed: " + ", ".join(
+                LED_STATES)
+            raise ConfigError(path, key, f"unknown state ({hint})")
+        if not isinstance(spec, dict):
+            raise ConfigError(path, key, "must be a table, e.g. { kind = \"solid\", "
+                              "color = [0, 0, 1] }")
+        for name, value in spec.items():
+            if name not in PATTERN_KEYS:
+                raise ConfigError(path, f"{key}.{name}", "unknown key (allowed: "
+                                  + ", ".join(PATTERN_KEYS) + ")")
+            if name == "kind" and value not in PATTERN_KINDS:
+                raise ConfigError(path, f"{key}.kind", f"'{value}' is not allowed (one of: "
+                                  + ", ".join(PATTERN_KINDS) + ")")
+            if name == "color" and (not isinstance(value, list) or len(value) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+                    for v in value)):
+                raise ConfigError(path, f"{key}.color", "must be [red, green, blue], each "
+                                  "from 0 to 1")
+            if name.endswith("_seconds") and (isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not 0.02 <= value <= 10):
+                raise ConfigError(path, f"{key}.{name}", "must be a number from 0.02 to 10")
 
 
 def check_realtime_url(url: str) -> str | None:

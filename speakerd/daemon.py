@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import signal
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from speakerd import __version__
@@ -17,11 +18,14 @@ from speakerd.audio import capture as capmod
 from speakerd.audio import cues as cuesmod
 from speakerd.audio import playback as pbmod
 from speakerd.audio import resample
+from speakerd.buttons import Buttons
 from speakerd.errors import ConfigError
+from speakerd.leds import Leds
 from speakerd.notify import Notifier
 from speakerd.realtime import client as clientmod
 from speakerd.realtime import protocol
 from speakerd.tools import Registry
+from speakerd.tools import volume as volmod
 from speakerd.tools.builtin import BUILTIN
 from speakerd.wakeword import Detection, Detector
 
@@ -37,6 +41,23 @@ def session_settings(c: configmod.Config) -> s.Settings:
                       wake_cue=c.cues.wake, end_cue=c.cues.end)
 
 
+class _PlaybackGain:
+    """The software gain of the playback path, as the volume control's fallback."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    @property
+    def volume(self) -> float:
+        d = self._daemon
+        return d.playback.volume if d.playback else d.config.audio.playback_volume
+
+    @volume.setter
+    def volume(self, value: float) -> None:
+        if self._daemon.playback:
+            self._daemon.playback.volume = value
+
+
 class Daemon:
     """Owns the loop's state. `await run()` returns the process exit code.
 
@@ -46,13 +67,22 @@ class Daemon:
 
     def __init__(self, config: configmod.Config, *, notifier: Notifier,
                  redact: logmod.RedactFilter, api_key: configmod.Secret | None = None,
-                 tools: Registry | None = None) -> None:
+                 tools: Registry | None = None, pin_factory: Any = None,
+                 state_dir: str | None = None) -> None:
         self.config = config
         self.notifier = notifier
         self.redact = redact
         self.api_key = api_key
-        self.tools = tools or Registry(list(BUILTIN.values()))
-        self.session = s.Session(session_settings(config))
+        self.pin_factory = pin_factory
+        # systemd's StateDirectory=; by hand, mute is simply not remembered.
+        state = state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        self.mute_file = Path(state) / "muted" if state else None
+        muted = bool(config.buttons.remember_mute and self.mute_file
+                     and self.mute_file.exists())
+        self.session = s.Session(session_settings(config), muted=muted)
+        self.volume = volmod.Volume(config.audio.mixer_control, volmod.mixer_device_for(
+            config.audio.playback_device, config.audio.mixer_device), _PlaybackGain(self))
+        self.tools = tools or Registry([*BUILTIN.values(), *volmod.tools(self.volume)])
         self._inputs: asyncio.Queue[object] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set whenever the session comes to rest
@@ -65,7 +95,9 @@ class Daemon:
         self.capture: capmod.Capture | None = None
         self.playback: pbmod.Playback | None = None
         self.detector: Detector | None = None
-        self._handlers: dict[type, Callable[[Any], None]] = {
+        self.leds = Leds(config.leds, pin_factory=pin_factory)
+        self.buttons: Buttons | None = None
+        self._handlers: dict[type, Any] = {
             s.Connect: self._connect, s.CloseConnection: self._close,
             s.Send: self._send, s.PlayAudio: self._play, s.FinishAudio: self._finish,
             s.FlushPlayback: self._flush, s.PlayCue: self._cue, s.StreamMic: self._stream,
@@ -82,6 +114,7 @@ class Daemon:
         c = self.config
         self.detector = Detector.from_config(c.wake_word, c.path)
         self.detector.warm_up()  # 8 s of feature warm-up now, not on the first word
+        self.detector.enabled = not self.session.muted
         self.playback = pbmod.Playback(c.audio.playback_device, loop=loop,
                                        on_drained=self._drained, on_flushed=self._flushed,
                                        volume=c.audio.playback_volume)
@@ -101,6 +134,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.playback.start()
         self.capture.start()
+        self.buttons = Buttons(self.config.buttons, loop=loop, on_input=self._button,
+                               pin_factory=self.pin_factory)
+        self.leds.show("muted" if self.session.muted else "idle")
         if self.notifier.watchdog_interval:
             self._spawn(self._watchdog(), "watchdog")
         worker = self._spawn(self._work(), "session")
@@ -119,6 +155,9 @@ class Daemon:
                 handle.cancel()
             self.capture.stop()
             self.playback.stop()
+            if self.buttons:
+                self.buttons.close()
+            self.leds.close()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         log.info("speakerd stopped")
@@ -194,6 +233,12 @@ class Daemon:
         return task
 
     # --- sources of inputs -----------------------------------------------------------
+
+    def _button(self, inp: s.ButtonPressed) -> None:
+        if inp.button in ("volume_up", "volume_down"):
+            self.volume.step(10 if inp.button == "volume_up" else -10)
+        else:
+            self.put(inp)
 
     def _detected(self, result: object) -> None:
         if isinstance(result, Detection):
@@ -283,6 +328,14 @@ class Daemon:
     def _set_wake_word(self, a: s.SetWakeWord) -> None:
         assert self.detector
         self.detector.enabled = a.enabled
+        if self.config.buttons.remember_mute and self.mute_file:
+            try:
+                if a.enabled:
+                    self.mute_file.unlink(missing_ok=True)
+                else:
+                    self.mute_file.touch()
+            except OSError as e:
+                log.warning("could not remember the mute state in %s: %s", self.mute_file, e)
 
     def _reset_wake_word(self, a: s.ResetWakeWord) -> None:
         assert self.detector
@@ -306,7 +359,7 @@ class Daemon:
             handle.cancel()
 
     def _leds(self, a: s.SetLeds) -> None:
-        pass  # the LED module plugs in here
+        self.leds.show(a.state)
 
     def _status(self, a: s.SetStatus) -> None:
         self.notifier.status(a.text)

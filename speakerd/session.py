@@ -223,11 +223,12 @@ class _Conversation:
 class Session:
     """The conversation rules. `handle(input)` -> actions; carry them out in order."""
 
-    def __init__(self, settings: Settings | None = None, *, strict: bool = False) -> None:
+    def __init__(self, settings: Settings | None = None, *, strict: bool = False,
+                 muted: bool = False) -> None:
         self.settings = settings or Settings()
         self.strict = strict
         self.state = State.IDLE
-        self.muted = False
+        self.muted = muted
         self.conv: _Conversation | None = None
         self.count = 0
         self._tokens: dict[str, int] = {}

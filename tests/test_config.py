@@ -30,8 +30,8 @@ class TestDefaults:
         assert c.realtime.turn_detection == "semantic_vad"
         assert c.conversation == config.ConversationConfig(8.0, 600.0)
         assert c.cues == config.CuesConfig(True, True)
-        assert c.leds == config.LedsConfig({}, True)
-        assert c.buttons == config.ButtonsConfig(0, 0)
+        assert c.leds == config.LedsConfig({}, True, {})
+        assert c.buttons == config.ButtonsConfig(0, 0, 0, 0, 0.05, True, False)
         assert c.log.level == "info"
 
     def test_shipped_file_lists_every_key_with_its_default(self):
@@ -118,6 +118,18 @@ BAD = [
     ("[leds]\npins = { red = 5 }\n[buttons]\nmute = 5\n", "buttons.mute",
      "pin 5 is already used by leds.pins.red"),
     ("[buttons]\ntalk = 28\n", "buttons.talk", "28 is out of range (0 to 27)"),
+    ("[buttons]\ntalk = 5\nvolume_up = 5\n", "buttons.volume_up",
+     "pin 5 is already used by buttons.talk"),
+    ("[leds]\npatterns = { listenning = { kind = 'solid' } }\n", "leds.patterns.listenning",
+     "unknown state (did you mean 'listening'?)"),
+    ("[leds]\npatterns = { idle = { kind = 'glow' } }\n", "leds.patterns.idle.kind",
+     "'glow' is not allowed (one of: off, solid, blink, pulse)"),
+    ("[leds]\npatterns = { idle = { color = 'blue' } }\n", "leds.patterns.idle.color",
+     "must be [red, green, blue], each from 0 to 1"),
+    ("[leds]\npatterns = { idle = { colour = [0, 0, 1] } }\n", "leds.patterns.idle.colour",
+     "unknown key (allowed: kind, color, on_seconds, off_seconds)"),
+    ("[leds]\npatterns = { error = { on_seconds = 0 } }\n", "leds.patterns.error.on_seconds",
+     "must be a number from 0.02 to 10"),
 ]
 
 

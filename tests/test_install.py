@@ -106,9 +106,13 @@ class TestInstall:
     def test_installed_config_passes_check(self, installed):
         root, _, _ = installed
         exe = root / "opt/speakerd/venv/bin/speakerd"
+        # --no-deps promised the dependencies from the environment: the test venv's.
+        import sysconfig
+        deps = sysconfig.get_paths()["purelib"]
         r = subprocess.run([str(exe), "config", "--check", "--config",
                             str(root / "etc/speakerd/speakerd.toml")],
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "PYTHONPATH": deps})
         assert r.returncode == 0, r.stderr
 
     def test_uninstall_keeps_config_then_purge_removes_everything(self, installed,
