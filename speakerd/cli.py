@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(configmod.to_toml(config, api_key))
                 for name in config.wake_word.models:
                     print(f"# wake word {wakeword.model_id(name)}: {wakeword.model_path(name)}")
+                from speakerd.daemon import build_tools
+                from speakerd.tools import timers, volume
+                registry = build_tools(config, volume.Volume("", "", None), timers.Timers())
+                for tool in registry.tools.values():
+                    print(f"# tool {tool.name}: {tool.description}")
             else:
                 print(f"{path}: OK")
             return EX_OK

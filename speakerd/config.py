@@ -106,6 +106,18 @@ class ButtonsConfig:
     remember_mute: bool = _opt(False, "keep the mute state across restarts")
 
 
+BUILTIN_TOOLS = ("get_time", "get_volume", "set_volume", "end_conversation", "set_timer",
+                 "cancel_timer", "list_timers")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolsConfig:
+    enabled: tuple[str, ...] = _opt(BUILTIN_TOOLS, "tools the model may call: built-in "
+                                    "names and installed plug-ins (speakerd.tools entry points)")
+    timeout_seconds: float = _opt(10.0, "seconds a tool may run before it is abandoned",
+                                  lo=0.1, hi=120.0)
+
+
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = _opt("info", "journal verbosity",
@@ -121,6 +133,7 @@ class Config:
     cues: CuesConfig = field(default_factory=CuesConfig)
     leds: LedsConfig = field(default_factory=LedsConfig)
     buttons: ButtonsConfig = field(default_factory=ButtonsConfig)
+    tools: ToolsConfig = field(default_factory=ToolsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: str = DEFAULT_PATH
 
@@ -129,7 +142,7 @@ class Config:
 _SECTION_TYPES = {"audio": AudioConfig, "wake_word": WakeWordConfig,
                   "realtime": RealtimeConfig, "conversation": ConversationConfig,
                   "cues": CuesConfig, "leds": LedsConfig, "buttons": ButtonsConfig,
-                  "log": LogConfig}
+                  "tools": ToolsConfig, "log": LogConfig}
 
 
 def default_path(environ: Mapping[str, str] | None = None) -> str:
@@ -217,6 +230,8 @@ def _value(f: dataclasses.Field[Any], value: Any, path: str, key: str) -> Any:
     if isinstance(default, tuple):
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise ConfigError(path, key, "must be a list of non-empty strings")
+        if len(set(value)) != len(value):
+            raise ConfigError(path, key, "names an entry twice")
         return tuple(value)
     if isinstance(default, dict):
         if not isinstance(value, dict):
@@ -271,6 +286,12 @@ def _check_cross(config: Config, path: str) -> None:
     if "status" in pins and len(pins) > 1:
         raise ConfigError(path, "leds.pins", "use either status or red/green/blue, not both")
     _check_patterns(config.leds.patterns, path)
+    available = (*BUILTIN_TOOLS, *plugin_names())
+    for name in config.tools.enabled:
+        if name not in available:
+            raise ConfigError(path, "tools.enabled", f"unknown tool '{name}' (built-in: "
+                              + ", ".join(BUILTIN_TOOLS) + "; installed plug-ins: "
+                              + (", ".join(plugin_names()) or "none") + ")")
     used: dict[int, str] = {}
     buttons = {f"buttons.{n}": getattr(config.buttons, n)
                for n in ("mute", "talk", "volume_up", "volume_down")}
@@ -315,6 +336,15 @@ def _check_patterns(patterns: dict[str, Any], path: str) -> None:
             if name.endswith("_seconds") and (isinstance(value, bool) or not isinstance(
                     value, (int, float)) or not 0.02 <= value <= 10):
                 raise ConfigError(path, f"{key}.{name}", "must be a number from 0.02 to 10")
+
+
+PLUGIN_GROUP = "speakerd.tools"
+
+
+def plugin_names() -> tuple[str, ...]:
+    """Tool plug-ins installed in this environment (their names, nothing imported)."""
+    from importlib.metadata import entry_points
+    return tuple(sorted({ep.name for ep in entry_points(group=PLUGIN_GROUP)}))
 
 
 def check_realtime_url(url: str) -> str | None:

@@ -24,7 +24,8 @@ from speakerd.leds import Leds
 from speakerd.notify import Notifier
 from speakerd.realtime import client as clientmod
 from speakerd.realtime import protocol
-from speakerd.tools import Registry
+from speakerd.tools import Registry, plugins
+from speakerd.tools import timers as timermod
 from speakerd.tools import volume as volmod
 from speakerd.tools.builtin import BUILTIN
 from speakerd.wakeword import Detection, Detector
@@ -32,6 +33,17 @@ from speakerd.wakeword import Detection, Detector
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0  # seconds an answer may still play after SIGTERM
+
+
+def build_tools(c: configmod.Config, volume: volmod.Volume,
+                timers: timermod.Timers) -> Registry:
+    """The enabled tools: built-ins by name, then plug-ins."""
+    available = {**BUILTIN, **{t.name: t for t in volmod.tools(volume)},
+                 **{t.name: t for t in timermod.tools(timers)}}
+    enabled = set(c.tools.enabled)
+    chosen = [t for name, t in available.items() if name in enabled]
+    chosen += plugins.load(enabled - set(available))
+    return Registry(chosen, timeout=c.tools.timeout_seconds)
 
 
 def session_settings(c: configmod.Config) -> s.Settings:
@@ -82,7 +94,10 @@ class Daemon:
         self.session = s.Session(session_settings(config), muted=muted)
         self.volume = volmod.Volume(config.audio.mixer_control, volmod.mixer_device_for(
             config.audio.playback_device, config.audio.mixer_device), _PlaybackGain(self))
-        self.tools = tools or Registry([*BUILTIN.values(), *volmod.tools(self.volume)])
+        self._timers_changed = asyncio.Event()
+        self.timers = timermod.Timers(on_change=self._timers_changed.set)
+        self.ringer = timermod.Ringer(lambda: self._cue(s.PlayCue("timer")))
+        self.tools = tools or build_tools(config, self.volume, self.timers)
         self._inputs: asyncio.Queue[object] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set whenever the session comes to rest
@@ -139,6 +154,7 @@ class Daemon:
         self.leds.show("muted" if self.session.muted else "idle")
         if self.notifier.watchdog_interval:
             self._spawn(self._watchdog(), "watchdog")
+        self._spawn(timermod.run(self.timers, self.ringer, self._timers_changed), "timers")
         worker = self._spawn(self._work(), "session")
         self._log_startup()
         self.notifier.ready(s.STATUS[s.State.IDLE])
@@ -237,11 +253,13 @@ class Daemon:
     def _button(self, inp: s.ButtonPressed) -> None:
         if inp.button in ("volume_up", "volume_down"):
             self.volume.step(10 if inp.button == "volume_up" else -10)
+        elif inp.button == "talk" and self.ringer.stop():
+            return  # that press silenced a timer
         else:
             self.put(inp)
 
     def _detected(self, result: object) -> None:
-        if isinstance(result, Detection):
+        if isinstance(result, Detection) and not self.ringer.stop():
             self.put(s.WakeWordDetected(result.model, result.frame))
 
     def _device(self, event: object) -> None:

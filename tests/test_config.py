@@ -32,6 +32,7 @@ class TestDefaults:
         assert c.cues == config.CuesConfig(True, True)
         assert c.leds == config.LedsConfig({}, True, {})
         assert c.buttons == config.ButtonsConfig(0, 0, 0, 0, 0.05, True, False)
+        assert c.tools == config.ToolsConfig(config.BUILTIN_TOOLS, 10.0)
         assert c.log.level == "info"
 
     def test_shipped_file_lists_every_key_with_its_default(self):
@@ -70,7 +71,7 @@ BAD = [
      "unknown key (did you mean 'threshold'?)"),
     ("[wakeword]\n", "wakeword", "unknown section (did you mean 'wake_word'?)"),
     ("[zzz]\n", "zzz", "unknown section (allowed: audio, wake_word, realtime, conversation, "
-     "cues, leds, buttons, log)"),
+     "cues, leds, buttons, tools, log)"),
     ("audio = 3\n", "audio", "must be a table ([audio]), not an integer"),
     ("[wake_word]\nthreshold = 'high'\n", "wake_word.threshold", "must be a number, not a string"),
     ("[wake_word]\nthreshold = 1.5\n", "wake_word.threshold", "1.5 is out of range (0.01 to 1)"),
@@ -110,6 +111,11 @@ BAD = [
      "wake_word.model_thresholds.hey_jarvis", "must be a number from 0.01 to 1"),
     ("[wake_word]\ntrigger_level = 0\n", "wake_word.trigger_level",
      "0 is out of range (1 to 10)"),
+    ("[tools]\nenabled = ['get_time', 'weather']\n", "tools.enabled",
+     "unknown tool 'weather' (built-in: get_time, get_volume, set_volume, end_conversation, "
+     "set_timer, cancel_timer, list_timers; installed plug-ins: none)"),
+    ("[tools]\nenabled = ['get_time', 'get_time']\n", "tools.enabled", "names an entry twice"),
+    ("[tools]\ntimeout_seconds = 0\n", "tools.timeout_seconds", "0 is out of range (0.1 to 120)"),
     ("[leds]\npins = { purple = 5 }\n", "leds.pins.purple",
      "unknown LED (allowed: red, green, blue, status)"),
     ("[leds]\npins = { red = 40 }\n", "leds.pins.red", "must be a BCM pin number 1 to 27"),

@@ -132,12 +132,14 @@ async def test_two_turns_the_second_without_a_wake_word(tmp_path, prerequisites)
     assert KEY not in spk.log
 
 
-async def test_tool_call_round_sends_one_response_create(tmp_path, prerequisites):
+async def test_two_parallel_tool_calls_then_one_response_create(tmp_path, prerequisites):
     server = RealtimeServer(vad=True, replies=[
-        Reply(audio_ms=600, function_calls=[Call("get_time", "{}", "call_time")]),
-        Reply(audio_ms=800)])
+        Reply(audio_ms=600, function_calls=[Call("get_time", "{}", "call_time"),
+                                            Call("get_volume", "{}", "call_volume")]),
+        Reply(audio_ms=1200, transcript="It is noon and the volume is 100%.")])
     async with server:
-        spk = Speaker(tmp_path, prerequisites, server, "[conversation]\nfollow_up_seconds = 2\n")
+        spk = Speaker(tmp_path, prerequisites, server,
+                      "[conversation]\nfollow_up_seconds = 2\n")
         await spk.start()
         try:
             spk.say(request("what time is it"), "ask")
@@ -147,13 +149,17 @@ async def test_tool_call_round_sends_one_response_create(tmp_path, prerequisites
     assert server.invalid == []
     types = server.types()
     outputs = server.of_type("conversation.item.create")
-    assert [o.event["item"]["call_id"] for o in outputs] == ["call_time"]
-    assert '"time"' in outputs[0].event["item"]["output"]
+    assert sorted(o.event["item"]["call_id"] for o in outputs) == ["call_time",
+                                                                    "call_volume"]
+    by_call = {o.event["item"]["call_id"]: o.event["item"]["output"] for o in outputs}
+    assert '"time"' in by_call["call_time"] and '"percent"' in by_call["call_volume"]
     creates = server.of_type("response.create")
     assert len(creates) == 1
-    assert types.index("response.create") > types.index("conversation.item.create")
+    last_output = max(i for i, t in enumerate(types) if t == "conversation.item.create")
+    assert types.index("response.create") > last_output
     assert "conversation_already_has_active_response" not in server.errors_sent
     assert [e["type"] for e in server.sent].count("response.done") >= 2
+    assert tone_blocks(spk.heard()) >= 16  # the answer after the tools was heard too
 
 
 async def test_a_45_second_answer_plays_completely(tmp_path, prerequisites):

@@ -360,6 +360,17 @@ class TestFailureFour:
 
 
 class TestBargeIn:
+    def test_tool_result_after_a_barge_in_is_sent_but_create_waits_for_the_active_one(self):
+        c = Conv()
+        c.responding("r1", 2000)
+        c.feed(p.ResponseDone("r1", "completed", (p.FunctionCall("c1", "get_time", "{}"),)))
+        c.feed(s.WakeWordDetected("hey_jarvis"))  # barge-in while r1 plays
+        c.feed(p.AudioCommitted("u2"))
+        c.feed(p.ResponseCreated("r2"))  # the user's new turn is being answered
+        assert c.feed(s.ToolDone("c1", '"noon"')) == [
+            ("send", "conversation.item.create", ("call_id", "c1"), ("output", '"noon"'))]
+        assert ("send", "response.create") in c.feed(p.ResponseDone("r2", "completed", ()))
+
     def test_wake_word_while_responding_cancels_flushes_and_truncates(self):
         c = Conv()
         c.responding("r1", 3000)
