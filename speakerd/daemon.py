@@ -7,6 +7,7 @@ import itertools
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,7 @@ class Daemon:
         self._inputs: asyncio.Queue[object] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._idle = asyncio.Event()  # set whenever the session comes to rest
+        self._turn: dict[str, float] = {}  # timings of the current turn, for the debug log
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._client: clientmod.RealtimeClient | None = None
@@ -233,6 +235,7 @@ class Daemon:
     async def _work(self) -> None:
         while True:
             inp = await self._inputs.get()
+            self._trace(inp)
             for action in self.session.handle(inp):
                 try:
                     self._handlers[type(action)](action)
@@ -241,6 +244,25 @@ class Daemon:
                     log.exception("could not carry out %s", type(action).__name__)
             if self.session.state in (s.State.IDLE, s.State.ERROR):
                 self._idle.set()
+
+    def _trace(self, inp: object) -> None:
+        """The per-turn timing a person needs to see why a turn felt slow (debug)."""
+        now = time.monotonic()
+        t = self._turn
+        if isinstance(inp, protocol.SpeechStarted):
+            t.clear()
+            t["speech"] = now
+        elif isinstance(inp, protocol.SpeechStopped):
+            t["spoken_ms"] = (now - t.get("speech", now)) * 1000
+            t["stopped"] = now
+        elif isinstance(inp, protocol.AudioDelta) and "first_audio" not in t and "stopped" in t:
+            t["first_audio"] = now
+            log.debug("turn: user spoke %.0f ms; first audio of response %s came %.0f ms "
+                      "after the end of speech", t.get("spoken_ms", 0), inp.response_id,
+                      (now - t["stopped"]) * 1000)
+        elif isinstance(inp, s.PlaybackFlushed):
+            log.debug("turn: barge-in after %s ms of the answer were heard",
+                      ", ".join(str(ms) for ms in inp.played_ms.values()))
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)

@@ -10,6 +10,7 @@ subprocess sees the same hermetic device list and nothing of the host's:
                                    in real time; `mic` captures what is played into
                                    the `mic` sink (`paplay -d mic`)
 - `spk2`, `mic2`                   the same on a second daemon that a test may kill
+- `default`                        `spk` and `mic`, as a Pi's default device would be
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ pcm.filein {{
     slave.pcm {{ type null }}
 }}
 pcm.null {{ type null }}
+pcm.!default {{ type asym; playback.pcm "spk"; capture.pcm "mic" }}
+ctl.!default {{ type pulse; server "unix:{DIR}/pulse/native" }}
 {_pulse_pcms("")}
 {_pulse_pcms("2")}
 """)

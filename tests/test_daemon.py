@@ -148,6 +148,22 @@ def test_runs_without_notify_socket(tmp_path, write_config, pulse):
         proc.kill()
 
 
+def test_the_shipped_config_starts_and_reports_ready(tmp_path, pulse):
+    from .notify_socket import NotifySocket
+    sock = NotifySocket(tmp_path / "n.sock")
+    proc = subprocess.Popen([*SPEAKERD, "run", "--config", str(ROOT / "config/speakerd.toml")],
+                            cwd=ROOT, env=clean_env(NOTIFY_SOCKET=sock.path),
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert sock.wait_for("READY", "1").fields["STATUS"] == "idle: listening for the " \
+                                                              "wake word"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        proc.kill()
+        sock.close()
+
+
 class TestDevices:
     def test_missing_microphone_exits_69_naming_it(self, write_config):
         path = write_config('[audio]\ncapture_device = "nosuchmic"\nplayback_device = "spk"\n')

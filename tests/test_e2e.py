@@ -107,7 +107,8 @@ def prerequisites(pulse):
 async def test_two_turns_the_second_without_a_wake_word(tmp_path, prerequisites):
     server = RealtimeServer(vad=True, replies=[Reply(audio_ms=1500), Reply(audio_ms=1000)])
     async with server:
-        spk = Speaker(tmp_path, prerequisites, server, "[conversation]\nfollow_up_seconds = 5\n")
+        spk = Speaker(tmp_path, prerequisites, server,
+                      "[conversation]\nfollow_up_seconds = 5\n[log]\nlevel = 'debug'\n")
         await spk.start()
         try:
             spk.say(request("what is the weather today"), "turn1")
@@ -129,7 +130,9 @@ async def test_two_turns_the_second_without_a_wake_word(tmp_path, prerequisites)
         *["listening -> thinking", "thinking -> responding", "responding -> audio_playing",
           "audio_playing -> listening"] * turns, "listening -> idle"]
     assert tone_blocks(spk.heard()) >= 22  # 1.5 s + 1 s of answers reached the speaker
-    assert KEY not in spk.log
+    assert KEY not in spk.log  # not even at debug
+    assert spk.log.count("after the end of speech") >= 2  # the per-turn trace
+    assert "turn: response " in spk.log
 
 
 async def test_two_parallel_tool_calls_then_one_response_create(tmp_path, prerequisites):
@@ -203,3 +206,19 @@ async def test_end_during_playback_happens_only_after_the_drain(tmp_path, prereq
     assert spk.transitions()[-2:] == ["responding -> audio_playing", "audio_playing -> idle"]
     assert tone_blocks(spk.heard()) >= 36  # all 3 s and the goodbye's 0.7 s were heard
     assert len(server.of_type("response.create")) == 1
+
+
+async def test_sigterm_mid_answer_lets_it_finish_then_exits_0(tmp_path, prerequisites):
+    server = RealtimeServer(vad=True, replies=[Reply(audio_ms=2500)])
+    async with server:
+        spk = Speaker(tmp_path, prerequisites, server, "[cues]\nwake = false\nend = false\n")
+        await spk.start()
+        spk.say(request("what is the weather today"), "ask")
+        await spk.wait_log("responding -> audio_playing")
+        assert spk.proc is not None
+        spk.proc.send_signal(signal.SIGTERM)
+        assert spk.proc.wait(20) == 0
+    log = spk.log
+    assert log.index("stopping on SIGTERM") < log.index("audio_playing -> idle")
+    assert "did not finish within" not in log
+    assert tone_blocks(spk.heard()) >= 23  # the whole 2.5 s answer was heard
