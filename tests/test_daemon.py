@@ -165,17 +165,14 @@ def test_the_shipped_config_starts_and_reports_ready(tmp_path, pulse):
 
 
 class TestDevices:
-    def test_missing_microphone_exits_69_naming_it(self, write_config):
-        path = write_config('[audio]\ncapture_device = "nosuchmic"\nplayback_device = "spk"\n')
+    @pytest.mark.parametrize(("mic", "speaker", "kind", "name"), [
+        ("nosuchmic", "spk", "capture", "nosuchmic"),
+        ("mic", "nospk", "playback", "nospk")])
+    def test_missing_device_exits_69_naming_it(self, write_config, pulse, mic, speaker, kind,
+                                               name):
+        path = write_config(f'[audio]\ncapture_device = "{mic}"\nplayback_device = "{speaker}"\n')
         r = subprocess.run([*SPEAKERD, "run", "--config", str(path)], cwd=ROOT,
                            env=clean_env(), capture_output=True, text=True, timeout=60)
         assert r.returncode == 69
-        assert "speakerd: cannot open ALSA capture device 'nosuchmic': " in r.stderr
+        assert f"speakerd: cannot open ALSA {kind} device '{name}': " in r.stderr
         assert "(PCMs alsa-lib knows: " in r.stderr
-
-    def test_missing_speaker_exits_69_naming_it(self, write_config):
-        path = write_config('[audio]\ncapture_device = "mic"\nplayback_device = "nospk"\n')
-        r = subprocess.run([*SPEAKERD, "run", "--config", str(path)], cwd=ROOT,
-                           env=clean_env(), capture_output=True, text=True, timeout=60)
-        assert r.returncode == 69
-        assert "speakerd: cannot open ALSA playback device 'nospk': " in r.stderr
