@@ -236,7 +236,16 @@ class Daemon:
         while True:
             inp = await self._inputs.get()
             self._trace(inp)
-            for action in self.session.handle(inp):
+            try:
+                actions = self.session.handle(inp)
+            except Exception:
+                # A bug in the rules must not leave a speaker that looks alive but no
+                # longer listens: drop the conversation and start over from idle.
+                log.exception("the session failed on %s; ending the conversation and "
+                              "starting over", type(inp).__name__)
+                self._start_over()
+                continue
+            for action in actions:
                 try:
                     self._handlers[type(action)](action)
                 except Exception:
@@ -244,6 +253,23 @@ class Daemon:
                     log.exception("could not carry out %s", type(action).__name__)
             if self.session.state in (s.State.IDLE, s.State.ERROR):
                 self._idle.set()
+
+    def _start_over(self) -> None:
+        muted = self.session.muted
+        self.session = s.Session(session_settings(self.config), muted=muted)
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
+        if self._client:
+            self._client.close()
+            self._client = None
+        if self.playback:
+            self.playback.flush()
+        if self.capture:
+            self.capture.stream(False)
+        self._mic_resampler = None
+        self.leds.show("muted" if muted else "idle")
+        self.notifier.status(s.STATUS[s.State.IDLE])
 
     def _trace(self, inp: object) -> None:
         """The per-turn timing a person needs to see why a turn felt slow (debug)."""

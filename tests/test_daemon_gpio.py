@@ -119,3 +119,17 @@ async def test_talk_button_starts_without_a_wake_word(running):
     press(factory, 6)
     await until(lambda: len(server.handshakes) == 1)
     await until(lambda: daemon.leds.history[-1] == "listening")
+
+
+async def test_a_bug_in_the_session_is_logged_and_the_speaker_starts_over(running, caplog):
+    daemon, server, factory, _ = running
+
+    class Boom:
+        """An input the rules cannot handle: what a bug in them looks like."""
+
+    daemon.session.strict = True
+    daemon.put(Boom())
+    await until(lambda: "the session failed on Boom" in caplog.text)
+    assert daemon.session.state.value == "idle"
+    press(factory, 6)  # and it still works
+    await until(lambda: len(server.handshakes) == 1)
