@@ -159,7 +159,7 @@ class Daemon:
         self._spawn(timermod.run(self.timers, self.ringer, self._timers_changed), "timers")
         worker = self._spawn(self._work(), "session")
         self._log_startup()
-        self.notifier.ready(s.STATUS[s.State.IDLE])
+        self.notifier.ready(s.STATUS[s.State.IDLE] + (" (muted)" if self.session.muted else ""))
         try:
             await self._stop.wait()
             await self._wind_down()
