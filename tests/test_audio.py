@@ -262,6 +262,12 @@ class TestPlaybackFileBacked:
             p.check()
 
 
+def test_nan_and_inf_from_a_float_device_become_silence_and_full_scale():
+    raw = np.array([np.nan, np.inf, -np.inf, 0.5], "<f4").tobytes()
+    x = resample.to_float(raw, DeviceFormat(16000, 1, "FLOAT_LE"))
+    assert x.tolist() == [0.0, 1.0, -1.0, 0.5]
+
+
 class TestNegotiation:
     def test_alsa_settles_on_what_the_device_takes(self, tmp_path):
         pcm, got = cap.negotiate(alsaaudio.PCM_PLAYBACK, f"fileout:FILE={tmp_path}/o.raw",

@@ -52,8 +52,11 @@ def to_float(raw: bytes, fmt: DeviceFormat, channel: int = 0) -> np.ndarray:
     data = np.frombuffer(raw, dtype=dtype)
     if fmt.channels > 1:
         data = data.reshape(-1, fmt.channels)[:, channel]
-    return (data.astype(np.float32) / np.float32(scale)) if scale != 1.0 else data.astype(
-        np.float32)
+    if scale != 1.0:
+        return data.astype(np.float32) / np.float32(scale)
+    # A float device can hand over NaN or inf (a glitch, a driver bug); as audio they
+    # are silence and full scale, and they must not reach the models or the socket.
+    return np.nan_to_num(data.astype(np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
 
 
 def from_float(samples: np.ndarray, fmt: DeviceFormat) -> bytes:
