@@ -57,6 +57,7 @@ class Leds:
         self.patterns = patterns(config)
         self.device: RGBLED | PWMLED | LED | None = None
         self.rgb = "status" not in config.pins
+        self.pwm = False  # whether the pins could be opened for PWM (levels, fades)
         self.state = ""
         self.history: collections.deque[str] = collections.deque(maxlen=200)
         if not config.pins:
@@ -74,15 +75,16 @@ class Leds:
     def _open(self, config: LedsConfig, factory: Any) -> RGBLED | PWMLED | LED:
         p = config.pins
         kw = {"active_high": config.active_high, "pin_factory": factory}
-        if self.rgb:
-            try:
-                return RGBLED(p["red"], p["green"], p["blue"], pwm=True, **kw)
-            except GPIOZeroError:  # a pin factory without PWM: colours are on/off
-                return RGBLED(p["red"], p["green"], p["blue"], pwm=False, **kw)
+        self.pwm = True
         try:
+            if self.rgb:
+                return RGBLED(p["red"], p["green"], p["blue"], pwm=True, **kw)
             return PWMLED(p["status"], **kw)
-        except GPIOZeroError:
-            return LED(p["status"], **kw)
+        except GPIOZeroError:  # a pin factory without PWM: levels are on/off
+            self.pwm = False
+        if self.rgb:
+            return RGBLED(p["red"], p["green"], p["blue"], pwm=False, **kw)
+        return LED(p["status"], **kw)
 
     def show(self, state: str) -> None:
         self.state = state
@@ -91,22 +93,18 @@ class Leds:
             return
         pat = self.patterns.get(state, DEFAULT_PATTERNS["idle"])
         dev = self.device
-        color: Any = pat.color if self.rgb else max(pat.color)
-        pwm = not isinstance(dev, LED) and getattr(dev, "_pwm", True)
-        if pat.kind == "off" or max(pat.color) == 0:
+        # Without PWM a level is on or off; a single LED shows the brightest channel.
+        rgb = pat.color if self.pwm else tuple(float(round(c)) for c in pat.color)
+        on: Any = rgb if self.rgb else max(rgb)
+        if pat.kind == "off" or not max(rgb):
             dev.off()
         elif pat.kind == "solid":
-            if isinstance(dev, LED):
-                dev.on()
-            else:
-                dev.value = color if pwm else tuple(round(c) for c in pat.color) \
-                    if self.rgb else color
-        elif pat.kind == "pulse" and pwm:
-            kw = {"on_color": color} if self.rgb else {}
+            dev.value = on
+        elif pat.kind == "pulse" and self.pwm:
+            kw = {"on_color": on} if self.rgb else {}
             dev.pulse(fade_in_time=pat.on_seconds, fade_out_time=pat.off_seconds, **kw)
         else:  # blink, or a pulse on pins without PWM
-            kw = {"on_color": color if pwm else tuple(round(c) for c in pat.color)} \
-                if self.rgb else {}
+            kw = {"on_color": on} if self.rgb else {}
             dev.blink(on_time=pat.on_seconds, off_time=pat.off_seconds, **kw)
 
     def close(self) -> None:

@@ -103,6 +103,18 @@ class TestPatterns:
         assert values(factory) == (1, 1, 0)
         leds.close()
 
+    def test_pins_without_pwm_degrade_to_on_off(self):
+        f = MockFactory()  # plain MockPin: no PWM, as on a factory that lacks it
+        leds = Leds(LedsConfig(RGB, True, {"idle": {"kind": "solid",
+                                                    "color": [0, 0, 0.6]}}), pin_factory=f)
+        leds.show("idle")
+        assert values(f) == (0, 0, 1)  # 0.6 rounds to on
+        leds.show("thinking")  # a pulse needs PWM: it blinks instead
+        states = changes(f, 22, 6)
+        assert {s.state for s in states[1:6]} == {True, False}
+        leds.close()
+        f.reset()
+
     def test_no_pins_configured_does_nothing(self):
         leds = Leds(LedsConfig({}, True, {}))
         leds.show("listening")
