@@ -169,8 +169,7 @@ class Daemon:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-            for handle in self._timers.values():
-                handle.cancel()
+            self._cancel_timers()
             self.capture.stop()
             self.playback.stop()
             if self.buttons:
@@ -257,9 +256,7 @@ class Daemon:
     def _start_over(self) -> None:
         muted = self.session.muted
         self.session = s.Session(session_settings(self.config), muted=muted)
-        for handle in self._timers.values():
-            handle.cancel()
-        self._timers.clear()
+        self._cancel_timers()
         if self._client:
             self._client.close()
             self._client = None
@@ -418,6 +415,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self._timers[a.name] = loop.call_later(a.seconds, self.put,
                                                s.TimerFired(a.name, a.token))
+
+    def _cancel_timers(self) -> None:
+        for handle in self._timers.values():
+            handle.cancel()
+        self._timers.clear()
 
     def _cancel_timer(self, a: s.CancelTimer) -> None:
         handle = self._timers.pop(a.name, None)

@@ -112,7 +112,6 @@ class RealtimeClient:
         self._ws: ClientConnection | None = None
         self._ready = False
         self._closing = False
-        self.sent_count = 0
 
     # --- for the caller ------------------------------------------------------------
 
@@ -200,7 +199,6 @@ class RealtimeClient:
                 await ws.close()
                 return
             await ws.send(frame)
-            self.sent_count += 1
 
     async def _read(self, ws: ClientConnection) -> str:
         try:
