@@ -493,6 +493,13 @@ class Session:
         conv = self.conv
         return bool(conv and any(t.create_sent is None for t in conv.turns))
 
+    def _abandon_rounds(self) -> None:
+        """Open tool rounds will never get their response.create (no socket, no server)."""
+        conv = self.conv
+        assert conv
+        for turn in conv.turns:
+            turn.create_sent = turn.create_sent or "never"
+
     def _maybe_create_response(self) -> None:
         """Exactly one response.create per tool round: all outputs sent, none active."""
         conv = self.conv
@@ -603,8 +610,7 @@ class Session:
         elif not conv.end and not conv.error:
             log.warning("lost the realtime connection: %s", inp.reason)
             conv.end = f"connection lost ({inp.reason})"
-        for turn in conv.turns:
-            turn.create_sent = turn.create_sent or "never"  # nothing can be sent now
+        self._abandon_rounds()
         if self.state is State.CONNECTING and not inp.unrecoverable:
             conv.error = f"could not reach the realtime service: {inp.reason}"
         if conv.playing:
@@ -629,8 +635,7 @@ class Session:
             conv.connected = False
             self._after_response("response timed out")
         else:
-            for turn in conv.turns:
-                turn.create_sent = turn.create_sent or "never"
+            self._abandon_rounds()
             self._listen("no response came", reopen_mic=True)
 
     def _error_over(self, inp: TimerFired) -> None:
