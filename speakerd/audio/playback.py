@@ -140,8 +140,9 @@ class Playback:
         while True:
             timeout = self._wait_time(s)
             try:
-                generation, kind, rid, pcm = (self._commands.get(timeout=timeout)
-                                              if timeout else self._commands.get_nowait())
+                # None blocks until a command comes: an idle, closed speaker costs nothing.
+                generation, kind, rid, pcm = (self._commands.get_nowait() if timeout == 0
+                                              else self._commands.get(timeout=timeout))
             except queue.Empty:
                 kind = ""
             with self._lock:
