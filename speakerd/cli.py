@@ -73,6 +73,8 @@ def _run(config: configmod.Config, api_key: configmod.Secret | None) -> int:
     from speakerd.notify import Notifier
 
     redact = logmod.setup(config.log.level, [api_key.reveal()] if api_key else [])
+    from speakerd.audio.device import quiet_alsa_lib
+    quiet_alsa_lib()
     if api_key is None:
         log.warning("no API key configured (realtime.api_key_file, the systemd credential "
                     "openai-key, or $OPENAI_API_KEY): conversations will fail until one is set")

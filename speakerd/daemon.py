@@ -17,10 +17,11 @@ from speakerd import log as logmod
 from speakerd import session as s
 from speakerd.audio import capture as capmod
 from speakerd.audio import cues as cuesmod
+from speakerd.audio import device as devmod
 from speakerd.audio import playback as pbmod
 from speakerd.audio import resample
 from speakerd.buttons import Buttons
-from speakerd.errors import ConfigError
+from speakerd.errors import EX_SOFTWARE, ConfigError, UnavailableError
 from speakerd.leds import Leds
 from speakerd.notify import Notifier
 from speakerd.realtime import client as clientmod
@@ -101,6 +102,9 @@ class Daemon:
         self.tools = tools or build_tools(config, self.volume, self.timers)
         self._inputs: asyncio.Queue[object] = asyncio.Queue()
         self._stop = asyncio.Event()
+        self._exit_code = 0
+        # Devices that are not there (yet): "microphone"/"speaker" -> ALSA name.
+        self.missing: dict[str, str] = {}
         self._idle = asyncio.Event()  # set whenever the session comes to rest
         self._turn: dict[str, float] = {}  # timings of the current turn, for the debug log
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -127,20 +131,32 @@ class Daemon:
     # --- life ---------------------------------------------------------------------
 
     def open_devices(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Load the models and open the audio devices; ConfigError / UnavailableError."""
+        """Load the models (ConfigError) and open the audio devices.
+
+        A device that is not there yet (a USB mic not plugged in, a HAT driver not
+        loaded) does not stop the start: it is named in the log and the status, and
+        its thread keeps trying it until it appears.
+        """
         c = self.config
         self.detector = Detector.from_config(c.wake_word, c.path)
         self.detector.warm_up()  # 8 s of feature warm-up now, not on the first word
         self.detector.enabled = not self.session.muted
-        self.playback = pbmod.Playback(c.audio.playback_device, loop=loop,
-                                       on_drained=self._drained, on_flushed=self._flushed,
-                                       volume=c.audio.playback_volume)
-        self.playback.check()
-        self.capture = capmod.Capture(c.audio.capture_device, loop=loop,
-                                      on_frame=self._mic_frame, on_status=self._device,
-                                      in_thread=self.detector.process,
-                                      on_result=self._detected)
-        self.capture.open()
+        self.playback = pbmod.Playback(
+            c.audio.playback_device, loop=loop, on_drained=self._drained,
+            on_flushed=self._flushed, on_status=lambda e: self._device("speaker", e),
+            volume=c.audio.playback_volume)
+        self.capture = capmod.Capture(
+            c.audio.capture_device, loop=loop, on_frame=self._mic_frame,
+            on_status=lambda e: self._device("microphone", e),
+            in_thread=self.detector.process, on_result=self._detected)
+        for what, name, try_open in (("speaker", c.audio.playback_device, self.playback.check),
+                                     ("microphone", c.audio.capture_device, self.capture.open)):
+            try:
+                try_open()
+            except UnavailableError as e:
+                self.missing[what] = name
+                log.error("%s; speakerd starts anyway and keeps trying the %s every "
+                          "0.5-10 s", e, what, extra=logmod.fields(event=f"{what}_missing"))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -149,17 +165,18 @@ class Daemon:
         for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, why)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self.playback.start()
-        self.capture.start()
+        self.playback.start(missing="speaker" in self.missing)
+        self.capture.start(missing="microphone" in self.missing)
         self.buttons = Buttons(self.config.buttons, loop=loop, on_input=self._button,
                                pin_factory=self.pin_factory)
-        self.leds.show("muted" if self.session.muted else "idle")
+        self._show_leds()
         if self.notifier.watchdog_interval:
             self._spawn(self._watchdog(), "watchdog")
         self._spawn(timermod.run(self.timers, self.ringer, self._timers_changed), "timers")
         worker = self._spawn(self._work(), "session")
         self._log_startup()
-        self.notifier.ready(s.STATUS[s.State.IDLE] + (" (muted)" if self.session.muted else ""))
+        self.notifier.ready(self._status_text(
+            s.STATUS[s.State.IDLE] + (" (muted)" if self.session.muted else "")))
         try:
             await self._stop.wait()
             await self._wind_down()
@@ -178,7 +195,7 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         log.info("speakerd stopped")
-        return 0
+        return self._exit_code
 
     async def _wind_down(self) -> None:
         """SIGTERM mid-conversation: let the answer finish if it does so soon."""
@@ -198,9 +215,11 @@ class Daemon:
             await self._idle.wait()
             self._idle.clear()
 
-    def request_stop(self, why: str = "request") -> None:
+    def request_stop(self, why: str = "request", exit_code: int = 0) -> None:
+        """Wind down and make run() return `exit_code` (non-zero: systemd restarts us)."""
         if not self._stop.is_set():
             log.info("stopping on %s", why)
+            self._exit_code = exit_code
             self._stop.set()
 
     def reload(self) -> None:
@@ -224,7 +243,7 @@ class Daemon:
             self.playback.volume = new.audio.playback_volume
         logmod.set_level(new.log.level)
         log.info("config reloaded from %s", path)
-        self.notifier.ready(s.STATUS[self.session.state])
+        self.notifier.ready(self._status_text(s.STATUS[self.session.state]))
 
     # --- the one place inputs meet the session -------------------------------------
 
@@ -265,8 +284,8 @@ class Daemon:
         if self.capture:
             self.capture.stream(False)
         self._mic_resampler = None
-        self.leds.show("muted" if muted else "idle")
-        self.notifier.status(s.STATUS[s.State.IDLE])
+        self._show_leds()
+        self.notifier.status(self._status_text(s.STATUS[s.State.IDLE]))
 
     def _trace(self, inp: object) -> None:
         """The per-turn timing a person needs to see why a turn felt slow (debug)."""
@@ -290,8 +309,23 @@ class Daemon:
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._ended)
         return task
+
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        """Every task's end is seen here: none may die unheard."""
+        self._tasks.discard(task)
+        if task.cancelled() or self._stop.is_set():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("task %s failed", task.get_name(), exc_info=error)
+        if task.get_name() in ("session", "watchdog"):
+            # Without these the speaker would look alive and no longer listen (or be
+            # killed by the watchdog later): stop now and let systemd restart us.
+            log.critical("the %s task ended; stopping so that systemd restarts speakerd",
+                         task.get_name())
+            self.request_stop(f"the end of the {task.get_name()} task", EX_SOFTWARE)
 
     # --- sources of inputs -----------------------------------------------------------
 
@@ -307,11 +341,32 @@ class Daemon:
         if isinstance(result, Detection) and not self.ringer.stop():
             self.put(s.WakeWordDetected(result.model, result.frame))
 
-    def _device(self, event: object) -> None:
-        if isinstance(event, capmod.DeviceLost):
-            self.notifier.status(f"waiting for audio device {event.device}")
-        elif isinstance(event, capmod.DeviceBack):
-            self.notifier.status(s.STATUS[self.session.state])
+    def _device(self, what: str, event: object) -> None:
+        if isinstance(event, devmod.DeviceLost):
+            self.missing[what] = event.device
+        elif isinstance(event, devmod.DeviceBack):
+            self.missing.pop(what, None)
+        elif isinstance(event, devmod.ThreadFailed):
+            self.request_stop(f"the failure of the {what} thread ({event.error})",
+                              EX_SOFTWARE)
+            return
+        self._show_leds()
+        self.notifier.status(self._status_text(s.STATUS[self.session.state]))
+
+    def _status_text(self, text: str) -> str:
+        """The session's status, unless a device it needs is missing: that comes first."""
+        for what in ("microphone", "speaker"):
+            if what in self.missing:
+                return f"waiting for {what} '{self.missing[what]}'"
+        return text
+
+    def _show_leds(self, state: str | None = None) -> None:
+        if self.missing:
+            self.leds.show("error")
+        elif self.session.muted and self.session.state is s.State.IDLE:
+            self.leds.show("muted")
+        else:
+            self.leds.show(state or self.session.state.value)
 
     def _drained(self, rid: str) -> None:
         if not rid.startswith("cue:"):
@@ -350,7 +405,15 @@ class Daemon:
             url=c.url, model=c.model, api_key=self.api_key, session_update=update,
             on_event=lambda event: self._from_client(client, event))
         self._client = client
-        self._spawn(client.run(), "realtime")
+
+        async def run() -> None:
+            try:
+                await client.run()
+            finally:
+                if self._client is client:  # it ended without saying so: say it for it
+                    self._from_client(client, clientmod.Disconnected(
+                        "the connection ended without a word (a bug in speakerd)"))
+        self._spawn(run(), "realtime")
 
     def _close(self, a: s.CloseConnection) -> None:
         if self._client:
@@ -406,8 +469,13 @@ class Daemon:
 
     def _run_tool(self, a: s.RunTool) -> None:
         async def run() -> None:
-            result = await self.tools.run(a.call.name, a.call.arguments)
-            self.put(s.ToolDone(a.call.call_id, result.output, result.end_conversation))
+            # Every path out reports a ToolDone: the session waits for one per call.
+            output, end = '{"error": "the tool failed"}', False
+            try:
+                result = await self.tools.run(a.call.name, a.call.arguments)
+                output, end = result.output, result.end_conversation
+            finally:
+                self.put(s.ToolDone(a.call.call_id, output, end))
         self._spawn(run(), f"tool {a.call.name}")
 
     def _start_timer(self, a: s.StartTimer) -> None:
@@ -427,10 +495,10 @@ class Daemon:
             handle.cancel()
 
     def _leds(self, a: s.SetLeds) -> None:
-        self.leds.show(a.state)
+        self._show_leds(a.state)
 
     def _status(self, a: s.SetStatus) -> None:
-        self.notifier.status(a.text)
+        self.notifier.status(self._status_text(a.text))
 
     # --- housekeeping ----------------------------------------------------------------
 

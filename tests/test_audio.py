@@ -12,8 +12,8 @@ import pytest
 import soxr
 
 from speakerd.audio import capture as cap
+from speakerd.audio import device, resample
 from speakerd.audio import playback as pb
-from speakerd.audio import resample
 from speakerd.audio.cues import make_cues
 from speakerd.audio.resample import DeviceFormat
 from speakerd.errors import UnavailableError
@@ -270,7 +270,7 @@ def test_nan_and_inf_from_a_float_device_become_silence_and_full_scale():
 
 class TestNegotiation:
     def test_alsa_settles_on_what_the_device_takes(self, tmp_path):
-        pcm, got = cap.negotiate(alsaaudio.PCM_PLAYBACK, f"fileout:FILE={tmp_path}/o.raw",
+        pcm, got = device.negotiate(alsaaudio.PCM_PLAYBACK, f"fileout:FILE={tmp_path}/o.raw",
                                  DeviceFormat(22050, 3, "FLOAT_LE"), 20)
         pcm.close()
         assert got == DeviceFormat(22050, 3, "FLOAT_LE")
@@ -400,9 +400,9 @@ class TestDeviceLoss:
         try:
             await got.wait(3)
             pulse2.stop()
-            await until(lambda: any(isinstance(e, cap.DeviceLost) for e in got.status))
+            await until(lambda: any(isinstance(e, device.DeviceLost) for e in got.status))
             pulse2.start()
-            await until(lambda: any(isinstance(e, cap.DeviceBack) for e in got.status), 30)
+            await until(lambda: any(isinstance(e, device.DeviceBack) for e in got.status), 30)
             n = len(got.frames)
             await got.wait(n + 3)
         finally:

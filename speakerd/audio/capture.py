@@ -7,14 +7,19 @@ import collections
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import alsaaudio
 import numpy as np
 
 from speakerd.audio import resample
+from speakerd.audio.device import (
+    DeviceBack,
+    DeviceLost,
+    ThreadFailed,
+    describe_missing,
+    negotiate,
+)
 from speakerd.audio.resample import DeviceFormat
-from speakerd.errors import UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -28,76 +33,6 @@ FRAME_BYTES = FRAME_SAMPLES * 2
 PERIOD_MS = 160
 # Preferred first; a device that refuses gets its own rate and format, converted here.
 PREFERRED = DeviceFormat(RATE, 1, "S16_LE")
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceLost:
-    """The capture device failed; the thread retries with back-off."""
-
-    device: str
-    error: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceBack:
-    device: str
-
-
-def open_pcm(kind: int, device: str, fmt: DeviceFormat, period_ms: int,
-             periods: int = 4) -> alsaaudio.PCM:
-    """Open `device` with `fmt`; raises alsaaudio.ALSAAudioError as alsa-lib reports it."""
-    return alsaaudio.PCM(kind, alsaaudio.PCM_NORMAL, device=device, rate=fmt.rate,
-                         channels=fmt.channels, format=resample.FORMATS[fmt.format][0],
-                         periodsize=fmt.rate * period_ms // 1000, periods=periods)
-
-
-def negotiate(kind: int, device: str, want: DeviceFormat, period_ms: int
-              ) -> tuple[alsaaudio.PCM, DeviceFormat]:
-    """Open with `want`, else with what the device offers; return the PCM and what it got.
-
-    alsa-lib may settle on a nearby rate or channel count; info() says what it did.
-    """
-    try:
-        pcm = open_pcm(kind, device, want, period_ms)
-    except alsaaudio.ALSAAudioError as first:
-        if any(s in str(first) for s in ("No such file or directory", "No such device")):
-            raise  # not there at all: no other format will help
-        pcm = _open_native(kind, device, want, period_ms, first)
-    info = pcm.info()
-    got = DeviceFormat(int(info["rate"]), int(info["channels"]),
-                       resample.ALSA_TO_NAME.get(info["format"], "?"))
-    if got.format == "?":
-        pcm.close()
-        raise alsaaudio.ALSAAudioError(f"{device} uses format {info['format_name']}, "
-                                       "which speakerd cannot convert")
-    return pcm, got
-
-
-def _open_native(kind: int, device: str, want: DeviceFormat, period_ms: int,
-                 first: Exception) -> alsaaudio.PCM:
-    probe = alsaaudio.PCM(kind, alsaaudio.PCM_NORMAL, device=device)
-    try:
-        formats = [f for f in ("S16_LE", "S32_LE", "FLOAT_LE") if f in probe.getformats()]
-        lo, hi = probe.getratebounds()
-        channels = probe.getchannels()
-    finally:
-        probe.close()
-    if not formats:
-        raise first
-    rate = min(max(want.rate, lo), hi)
-    count = want.channels if want.channels in channels else min(channels)
-    return open_pcm(kind, device, DeviceFormat(rate, count, formats[0]), period_ms)
-
-
-def describe_missing(device: str, error: Exception, kind: int) -> UnavailableError:
-    """A one-line error for a device that cannot be opened, listing the PCMs alsa-lib knows."""
-    try:
-        known = ", ".join(alsaaudio.pcms(kind)) or "none"
-    except alsaaudio.ALSAAudioError:
-        known = "none"
-    what = "capture" if kind == alsaaudio.PCM_CAPTURE else "playback"
-    return UnavailableError(f"cannot open ALSA {what} device '{device}': {error} "
-                            f"(PCMs alsa-lib knows: {known})")
 
 
 class Capture:
@@ -157,8 +92,9 @@ class Capture:
         log.info("microphone %s open at %d Hz, %d channel(s), %s", self.device,
                  self.got.rate, self.got.channels, self.got.format)
 
-    def start(self) -> None:
-        if self.got is None:
+    def start(self, missing: bool = False) -> None:
+        """Start the thread; `missing`: open() failed, so keep trying the device."""
+        if self.got is None and not missing:
             self.open()
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
         self._thread.start()
@@ -181,10 +117,19 @@ class Capture:
     # --- the capture thread ------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._listen()
+        except BaseException as e:
+            # The speaker would look alive and never hear anything again: say so, loudly.
+            log.critical("the microphone thread failed", exc_info=True)
+            self._hand_status(ThreadFailed("capture", repr(e)))
+
+    def _listen(self) -> None:
         pcm = self._pcm
         delay = self._retry[0]
         while not self._stop.is_set():
             if pcm is None:
+                seen = self.got is not None
                 try:
                     pcm, self.got = negotiate(alsaaudio.PCM_CAPTURE, self.device, self.want,
                                               PERIOD_MS)
@@ -194,7 +139,9 @@ class Capture:
                     continue
                 self.reopens += 1
                 delay = self._retry[0]
-                log.info("microphone %s is back", self.device)
+                log.info("microphone %s is %s: %d Hz, %d channel(s), %s", self.device,
+                         "back" if seen else "there now", self.got.rate, self.got.channels,
+                         self.got.format)
                 self._hand_status(DeviceBack(self.device))
             try:
                 self._read_until_error(pcm)

@@ -15,7 +15,13 @@ import alsaaudio
 import numpy as np
 
 from speakerd.audio import resample
-from speakerd.audio.capture import describe_missing, negotiate
+from speakerd.audio.device import (
+    DeviceBack,
+    DeviceLost,
+    ThreadFailed,
+    describe_missing,
+    negotiate,
+)
 from speakerd.audio.resample import DeviceFormat
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,8 @@ class _State:
     pending: collections.deque[tuple[str, bytes]] = field(default_factory=collections.deque)
     responses: dict[str, _Response] = field(default_factory=dict)
     last_active: float = 0.0
+    retry_at: float | None = None  # the device is missing: when to try it again
+    retry_delay: float = 0.0
 
 
 class Playback:
@@ -61,14 +69,21 @@ class Playback:
     played_ms})` reports what had actually been heard of each discarded response
     (those get no on_drained). The device stays open between responses and is
     released after `idle_close_seconds` of silence.
+
+    A device that cannot be opened (at start-up: `start(missing=True)`, or when an
+    answer finds it gone) is tried again with back-off from `retry_first` to
+    `retry_cap` seconds; `on_status` gets DeviceLost when it goes and DeviceBack
+    when it opens again. Answers meanwhile are dropped, and still drain.
     """
 
     def __init__(self, device: str, *, loop: asyncio.AbstractEventLoop,
                  on_drained: Callable[[str], None],
                  on_flushed: Callable[[dict[str, int]], None] = lambda played: None,
+                 on_status: Callable[[object], None] = lambda event: None,
                  volume: float = 1.0, fmt: DeviceFormat = PREFERRED,
                  period_ms: int = PERIOD_MS, periods: int = PERIODS,
-                 idle_close_seconds: float = 5.0) -> None:
+                 idle_close_seconds: float = 5.0, retry_first: float = 0.5,
+                 retry_cap: float = 10.0) -> None:
         self.device = device
         self.want = fmt
         self.volume = volume
@@ -78,6 +93,8 @@ class Playback:
         self._loop = loop
         self._on_drained = on_drained
         self._on_flushed = on_flushed
+        self._on_status = on_status
+        self._retry = (retry_first, retry_cap)
         self._commands: queue.Queue[tuple[int, str, str, bytes]] = queue.Queue()
         self._lock = threading.Lock()
         self._generation = 0  # bumped by flush(): commands from older generations are void
@@ -102,8 +119,10 @@ class Playback:
         log.info("speaker %s accepts %d Hz, %d channel(s), %s", self.device, self.got.rate,
                  self.got.channels, self.got.format)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="playback", daemon=True)
+    def start(self, missing: bool = False) -> None:
+        """Start the thread; `missing`: check() failed, so keep trying the device."""
+        self._thread = threading.Thread(target=self._run, args=(missing,), name="playback",
+                                        daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -134,8 +153,18 @@ class Playback:
 
     # --- the playback thread --------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, missing: bool) -> None:
+        try:
+            self._play(missing)
+        except BaseException as e:
+            # Answers would queue up unheard and never drain: say so, loudly.
+            log.critical("the speaker thread failed", exc_info=True)
+            self._loop.call_soon_threadsafe(self._on_status, ThreadFailed("playback", repr(e)))
+
+    def _play(self, missing: bool) -> None:
         s = _State()
+        if missing:
+            self._retry_later(s)
         seen_generation = 0
         while True:
             timeout = self._wait_time(s)
@@ -158,9 +187,14 @@ class Playback:
             if s.pending:
                 self._write_one(s)
             self._check_drained(s)
+            now = time.monotonic()
             if (s.pcm is not None and not s.pending and not s.responses
-                    and time.monotonic() - s.last_active > self.idle_close_seconds):
+                    and now - s.last_active > self.idle_close_seconds):
                 self._close(s)
+                log.debug("speaker %s released after %.0f s of silence", self.device,
+                          now - s.last_active)
+            if s.retry_at is not None and now >= s.retry_at and s.pcm is None:
+                self._probe(s)
 
     def _wait_time(self, s: _State) -> float | None:
         """How long to wait for a command: not at all while there is audio to write."""
@@ -170,6 +204,8 @@ class Playback:
             return self.period_ms / 1000
         if s.pcm is not None:
             return self.idle_close_seconds
+        if s.retry_at is not None:
+            return max(0.001, s.retry_at - time.monotonic())
         return None  # idle and closed: sleep until told
 
     def _command(self, s: _State, kind: str, rid: str, pcm: bytes) -> None:
@@ -204,8 +240,10 @@ class Playback:
                                      self.period_ms)
         except alsaaudio.ALSAAudioError as e:
             self.errors += 1
-            log.error("speaker %s cannot be opened: %s; this answer is not played",
-                      self.device, e)
+            if s.retry_at is None:
+                log.error("speaker %s cannot be opened: %s; this answer is not played, "
+                          "and speakerd keeps trying the device", self.device, e)
+                self._retry_later(s, str(e))
             return
         info = s.pcm.info()
         s.buffer_frames = int(info.get("buffer_size", s.fmt.rate * self.period_ms
@@ -214,6 +252,10 @@ class Playback:
         self.opens += 1
         self.got = s.fmt
         s.last_active = time.monotonic()
+        if s.retry_at is not None:
+            s.retry_at = None
+            log.info("speaker %s is there now", self.device)
+            self._loop.call_soon_threadsafe(self._on_status, DeviceBack(self.device))
 
     def _close(self, s: _State) -> None:
         if s.pcm is not None:
@@ -238,6 +280,7 @@ class Playback:
                       "the next answer", self.device, e)
             self._drop_pending(s)
             self._close(s)
+            self._retry_later(s, str(e))
             return
         if n < 0:
             # -EPIPE: the device had run dry; pyalsaaudio re-prepares it and this piece
@@ -264,6 +307,27 @@ class Playback:
                 r.chunks -= 1
         else:
             s.pending[0] = (rid, data[written_bytes:])
+
+    def _retry_later(self, s: _State, error: str = "") -> None:
+        if s.retry_at is None:
+            s.retry_delay = self._retry[0]
+            if error:
+                self._loop.call_soon_threadsafe(self._on_status,
+                                                DeviceLost(self.device, error))
+        s.retry_at = time.monotonic() + s.retry_delay
+
+    def _probe(self, s: _State) -> None:
+        """Is the missing device there now? Opens it and closes it again at once."""
+        try:
+            pcm, _ = negotiate(alsaaudio.PCM_PLAYBACK, self.device, self.want, self.period_ms)
+        except alsaaudio.ALSAAudioError:
+            s.retry_delay = min(s.retry_delay * 2, self._retry[1])
+            s.retry_at = time.monotonic() + s.retry_delay
+            return
+        pcm.close()
+        s.retry_at = None
+        log.info("speaker %s is there now", self.device)
+        self._loop.call_soon_threadsafe(self._on_status, DeviceBack(self.device))
 
     def _drop_pending(self, s: _State) -> None:
         """Forget unwritten audio; its responses then count as played out (and drain)."""
