@@ -456,3 +456,25 @@ class TestStreaming:
         whole = b"".join(preroll + got.frames[:10])
         assert whole == pcm[start:start + len(whole)]  # contiguous, in order, nothing lost
         assert results[:2] == ["tick", "tick"]  # results went to the loop while idle
+
+
+class TestThreadFailure:
+    """A bug inside an audio thread must be reported, not leave a deaf speaker behind."""
+
+    async def test_a_failing_detector_reports_the_capture_thread_failed(self, pulse, caplog):
+        got = Frames()
+
+        def broken_detector(frame: bytes) -> None:
+            raise ValueError("a bug in the detector")
+
+        c = cap.Capture("mic", loop=asyncio.get_running_loop(), on_frame=got.on_frame,
+                        on_status=got.on_status, in_thread=broken_detector)
+        c.start()
+        try:
+            await until(lambda: got.status)
+        finally:
+            c.stop()
+        assert got.status == [device.ThreadFailed("capture", "ValueError('a bug in the "
+                                                  "detector')")]
+        assert "the microphone thread failed" in caplog.text
+        assert "a bug in the detector" in caplog.text  # with its traceback
