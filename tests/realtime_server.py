@@ -29,7 +29,10 @@ from `replies` in order; when none is left, a 200 ms reply is made up.
 
 Misbehaviour on demand: `send(event)`, `send_raw(text)` (invalid JSON, unknown
 types, bad base64, a 20 MB frame), `error(code)`, `drop()` (TCP closed with no
-close frame), or `Reply(drop_after_ms=...)` to drop mid-response.
+close frame; `drop(reset=True)` sends a TCP RST), `close(code, reason)` (a clean
+websocket close), `stop_answering()` (half-open: the server reads nothing more, so
+pings go unanswered), or mid-response: `Reply(drop_after_ms=..., reset=...)`,
+`Reply(close_after_ms=..., close_code=..., close_reason=...)`.
 
 Every event the server sends is built from the `openai.types.realtime` models, and
 every event it receives is validated against `RealtimeClientEvent`, so the two
@@ -44,6 +47,8 @@ import contextlib
 import itertools
 import json
 import math
+import socket
+import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +59,7 @@ from pydantic import TypeAdapter, ValidationError
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 CLIENT_EVENT = TypeAdapter(rt.RealtimeClientEvent)
 RATE = 24000
@@ -85,6 +91,10 @@ class Reply:
     chunk_ms: int = 100
     speed: float = 20.0  # times real time; the real service also runs ahead of playback
     drop_after_ms: int | None = None  # abort the TCP connection after this much audio
+    reset: bool = False  # with drop_after_ms: abort with a TCP RST, not a FIN
+    close_after_ms: int | None = None  # close the websocket after this much audio
+    close_code: int = 1000  # with close_after_ms: the close frame's code and reason
+    close_reason: str = ""
     status: str = "completed"
     error: tuple[str, str] | None = None  # (type, code) for a failed response.done
 
@@ -111,6 +121,7 @@ class RealtimeServer:
         self.sent: list[dict[str, Any]] = []
         self.errors_sent: list[str] = []
         self.connections: list[ServerConnection] = []
+        self.deaf: list[ServerConnection] = []  # connections told to stop_answering()
         self.active_response: str | None = None
         self._ids = itertools.count(1)
         self._server: Server | None = None
@@ -138,6 +149,8 @@ class RealtimeServer:
         assert self._server is not None
         if self._reply_task:
             self._reply_task.cancel()
+        for ws in self.deaf:  # let them see the close handshake or the reset
+            ws.transport.resume_reading()
         self._server.close()
         await self._server.wait_closed()
 
@@ -185,9 +198,30 @@ class RealtimeServer:
             type="error", event_id=self._eid(), error=rt.RealtimeError(
                 type=type_, code=code, message=message or code, event_id=event_id)))
 
-    def drop(self) -> None:
-        """Close the TCP connection without a websocket close frame."""
+    def drop(self, *, reset: bool = False) -> None:
+        """Close the TCP connection without a websocket close frame (`reset`: with a RST)."""
+        if reset:  # linger on, timeout 0: close() discards the socket with a RST
+            sock = self._ws.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._ws.transport.abort()
+
+    async def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the websocket cleanly: a close frame with `code` and `reason`."""
+        await self._ws.close(code, reason)
+
+    def stop_answering(self) -> None:
+        """Half-open: read nothing more on this connection, so no ping gets its pong."""
+        self.deaf.append(self._ws)
+        self._ws.transport.pause_reading()
+
+    def closed(self) -> bool:
+        """The latest connection is closed (use with wait_until)."""
+        return bool(self.connections) and self._ws.state is State.CLOSED
+
+    async def end_turn(self) -> None:
+        """The user's turn is over now, whatever the audio: committed, then the next reply
+        (as server VAD does; for fast turns that need no speech, e.g. bench/soak.py)."""
+        await self._commit()
 
     @property
     def _ws(self) -> ServerConnection:
@@ -333,7 +367,10 @@ class RealtimeServer:
                 delta=base64.b64encode(chunk).decode()))
             sent_ms += len(chunk) // 48
             if reply.drop_after_ms is not None and sent_ms >= reply.drop_after_ms:
-                self.drop()
+                self.drop(reset=reply.reset)
+                return
+            if reply.close_after_ms is not None and sent_ms >= reply.close_after_ms:
+                await self.close(reply.close_code, reply.close_reason)
                 return
             # Paced, but ahead of real time; the cancel event cuts the wait short.
             with contextlib.suppress(TimeoutError):

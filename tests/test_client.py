@@ -6,6 +6,8 @@ import asyncio
 import itertools
 import logging
 import random
+import time
+from typing import Any
 
 import pytest
 
@@ -19,12 +21,21 @@ from .realtime_server import RealtimeServer, Reply, tone
 KEY = "test-key-NOT-sk-shaped-0123456789abcdef"
 
 
-class Harness:
-    """A client wired to a queue of what it reports, run as a task."""
+class Injected(Exception):
+    """The bug a test plants in the client's caller."""
 
-    def __init__(self, url: str, **kw) -> None:
+
+class Harness:
+    """A client wired to a queue of what it reports, run as a task.
+
+    `fail_on=SomeType`: the on_event callback raises `Injected` when handed an event
+    of that type (after recording it), as a buggy caller would.
+    """
+
+    def __init__(self, url: str, *, fail_on: type | None = None, **kw: Any) -> None:
         self.events: asyncio.Queue[object] = asyncio.Queue()
         self.seen: list[object] = []
+        self.fail_on = fail_on
         kw.setdefault("backoff", Backoff(attempts=3, first=0.05, cap=1.0))
         self.update = p.session_update(model="gpt-realtime", instructions="Be brief.",
                                        voice="marin", turn_detection="server_vad")
@@ -37,6 +48,8 @@ class Harness:
     def _put(self, event: object) -> None:
         self.seen.append(event)
         self.events.put_nowait(event)
+        if self.fail_on is not None and isinstance(event, self.fail_on):
+            raise Injected(f"on_event failed on {type(event).__name__}")
 
     async def next(self, kind: type, timeout: float = 20) -> object:
         async def find() -> object:
@@ -48,11 +61,21 @@ class Harness:
 
     async def finish(self) -> Disconnected:
         self.client.close()
-        await asyncio.wait_for(self.task, 20)
+        return await self.ended()
+
+    async def ended(self, timeout: float = 20) -> Disconnected:
+        """run() returned (no exception) and its last report, its only Disconnected."""
+        await asyncio.wait_for(self.task, timeout)
+        return self.last_report()
+
+    def last_report(self) -> Disconnected:
         last = self.seen[-1]
-        assert isinstance(last, Disconnected)
-        assert sum(isinstance(e, Disconnected) for e in self.seen) == 1
+        assert isinstance(last, Disconnected), self.seen[-3:]
+        assert sum(isinstance(e, Disconnected) for e in self.seen) == 1, self.seen
         return last
+
+    def audio(self) -> bytes:
+        return b"".join(e.pcm for e in self.seen if isinstance(e, p.AudioDelta))
 
 
 @pytest.fixture
@@ -171,22 +194,112 @@ class TestFailures:
                                       "127.0.0.1: ")
         assert not gone.unrecoverable
 
-    async def test_drop_mid_response_reports_the_reason(self, server):
-        server.replies.append(Reply(audio_ms=3000, drop_after_ms=500))
+    @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
+    async def test_drop_mid_response_reports_the_reason(self, server, reset):
+        server.replies.append(Reply(audio_ms=3000, drop_after_ms=500, reset=reset))
         h = Harness(server.url)
         await h.next(Ready)
         h.client.send(p.input_audio_commit())
-        gone = await h.next(Disconnected)
+        gone = await h.ended(timeout=5)
         assert gone == Disconnected("connection lost without a close frame")
-        assert any(isinstance(e, p.AudioDelta) for e in h.seen)
-        await asyncio.wait_for(h.task, 5)
+        assert h.audio() == tone(3000)[:len(tone(500))]  # all that came before the drop
 
     async def test_server_close_reports_code_and_reason(self, server):
         h = Harness(server.url)
         await h.next(Ready)
-        await server.connections[-1].close(1011, "internal error")
-        gone = await h.next(Disconnected)
+        await server.close(1011, "internal error")
+        gone = await h.ended(timeout=5)
         assert gone == Disconnected("server closed the connection (code 1011: internal error)")
+
+    @pytest.mark.parametrize(("code", "why", "reason"), [
+        (1000, "", "server closed the connection (code 1000)"),
+        (1001, "going away", "server closed the connection (code 1001: going away)"),
+        (1011, "internal error", "server closed the connection (code 1011: internal error)"),
+    ])
+    async def test_server_close_mid_answer_keeps_the_audio_and_reports_why(
+            self, server, code, why, reason):
+        server.replies.append(Reply(audio_ms=6000, close_after_ms=2000, close_code=code,
+                                    close_reason=why))
+        h = Harness(server.url)
+        await h.next(Ready)
+        h.client.send(p.input_audio_commit())
+        gone = await h.ended(timeout=5)
+        assert gone == Disconnected(reason)
+        assert h.audio() == tone(6000)[:len(tone(2000))]  # all that came before the close
+        assert not any(isinstance(e, p.ResponseDone) for e in h.seen)
+
+    async def test_a_server_that_stops_answering_pings_is_found_out_in_time(self, server):
+        interval, timeout, close = 0.3, 0.3, 0.3
+        h = Harness(server.url, ping_interval=interval, ping_timeout=timeout,
+                    close_timeout=close)
+        await h.next(Ready)
+        server.stop_answering()
+        deaf = time.monotonic()
+        # A ping is due within `interval`, its pong within `timeout`; then the close
+        # frame speakerd sends goes unanswered for `close` before the socket is cut.
+        limit = interval + timeout + close
+        gone = await h.ended(timeout=limit + 1.0)
+        took = time.monotonic() - deaf
+        assert gone == Disconnected("the connection failed: keepalive ping timeout "
+                                    "(speakerd sent close code 1011, got none)")
+        assert took < limit + 0.5, took
+
+    @pytest.mark.parametrize("fail_on", [Ready, p.AudioDelta, Disconnected])
+    async def test_a_bug_in_the_event_handler_is_logged_once_and_ends_the_socket(
+            self, server, caplog, fail_on):
+        server.replies.append(Reply(audio_ms=1000))
+        h = Harness(server.url, fail_on=fail_on)
+        if fail_on is not Ready:
+            await h.next(Ready)
+            h.client.send(p.input_audio_commit())
+            await h.next(p.AudioDelta)
+        if fail_on is Disconnected:
+            h.client.close()
+        gone = await h.ended(timeout=5)  # run() itself raised nothing
+        await server.wait_until(server.closed, timeout=5)
+        if fail_on is Disconnected:
+            assert gone == Disconnected("closed by speakerd")
+        else:
+            assert gone == Disconnected("speakerd's realtime client failed: Injected: "
+                                        f"on_event failed on {fail_on.__name__}")
+            assert [e for e in h.seen if isinstance(e, fail_on)] == [h.seen[-2]]  # no more
+        logged = [r for r in caplog.records if r.exc_info]
+        assert len(logged) == 1, caplog.text
+        assert logged[0].name == "speakerd.realtime.client"
+        assert logged[0].exc_info[0] is Injected  # with its traceback
+        assert caplog.text.count("Traceback") == 1
+
+    async def test_cancelled_run_reports_one_disconnected_and_closes_the_socket(
+            self, server):
+        server.replies.append(Reply(audio_ms=4000, speed=1))
+        h = Harness(server.url)
+        await h.next(Ready)
+        h.client.send(p.input_audio_commit())
+        await h.next(p.AudioDelta)
+        h.task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(h.task, 5)
+        assert h.last_report() == Disconnected("the realtime client was cancelled")
+        await server.wait_until(server.closed, timeout=5)
+
+    async def test_cancelled_while_connecting_reports_one_disconnected(self):
+        accepted = asyncio.Event()
+
+        async def never_answer(reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+            accepted.set()
+            await reader.read()  # the handshake request, then EOF when the client gives up
+            writer.close()
+
+        silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+        async with silent:
+            port = silent.sockets[0].getsockname()[1]
+            h = Harness(f"ws://127.0.0.1:{port}/v1/realtime")
+            await asyncio.wait_for(accepted.wait(), 5)
+            h.task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(h.task, 5)
+        assert h.last_report() == Disconnected("the realtime client was cancelled")
 
     async def test_oversize_frame_closes_cleanly_with_a_logged_reason(self, server, caplog):
         h = Harness(server.url, max_frame_bytes=1 << 20)

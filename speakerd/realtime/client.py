@@ -89,15 +89,21 @@ class RealtimeClient:
 
     `await run()` connects (retrying per `backoff`), sends `session_update` after
     session.created, and calls `on_event` on the loop with `Ready`, then every parsed
-    server event, and last exactly one `Disconnected`. `send()` and `append_audio()`
-    may be called at any time from the loop; one writer task sends in call order.
+    server event, and last exactly one `Disconnected`: on every way out of run(),
+    cancellation and its own failures included. `send()` and `append_audio()` may be
+    called at any time from the loop; one writer task sends in call order.
+
+    Keepalive: a ping every `ping_interval` s; no pong within `ping_timeout` s (a
+    half-open connection) fails the connection, which then waits at most
+    `close_timeout` s for the server's side of the closing handshake.
     """
 
     def __init__(self, *, url: str, model: str, api_key: Secret | None,
                  session_update: dict[str, Any], on_event: Callable[[object], None],
                  preroll_seconds: float = 2.0, max_frame_bytes: int = MAX_FRAME_BYTES,
-                 open_timeout: float = 10.0, backoff: Backoff | None = None,
-                 rng: random.Random | None = None) -> None:
+                 open_timeout: float = 10.0, ping_interval: float = 20.0,
+                 ping_timeout: float = 20.0, close_timeout: float = 2.0,
+                 backoff: Backoff | None = None, rng: random.Random | None = None) -> None:
         self.uri = realtime_uri(url, model)
         self.host = urlsplit(url).hostname or "?"
         self._api_key = api_key
@@ -106,10 +112,12 @@ class RealtimeClient:
         self.preroll = PreRoll(int(preroll_seconds * protocol.BYTES_PER_MS * 1000))
         self._max_frame_bytes = max_frame_bytes
         self._open_timeout = open_timeout
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._close_timeout = close_timeout
         self._backoff = backoff or Backoff()
         self._rng = rng or random.Random()
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
-        self._ws: ClientConnection | None = None
         self._ready = False
         self._closing = False
 
@@ -136,26 +144,46 @@ class RealtimeClient:
         return self._ready
 
     async def run(self) -> None:
-        why = check_realtime_url(self.uri)
-        if why:
-            self._on_event(Disconnected(why, unrecoverable=True))
-            return
-        ws = await self._connect()
-        if ws is None:
-            return
-        self._ws = ws
-        writer = asyncio.create_task(self._write(ws), name="realtime-writer")
+        """Hold the conversation's socket until it ends; report why with `Disconnected`."""
+        gone = Disconnected("the realtime client was cancelled")  # if nothing else says
         try:
-            reason = await self._read(ws)
+            gone = await self._run()
+        except Exception as e:
+            # The supervisor of this socket: a bug here or in a callback ends the
+            # conversation cleanly instead of leaving the session waiting on a dead task.
+            log.exception("the realtime client failed; closing the connection")
+            gone = Disconnected(f"speakerd's realtime client failed: {type(e).__name__}: {e}")
         finally:
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-            await ws.close()
-        self._on_event(Disconnected(reason))
+            try:
+                self._on_event(gone)
+            except Exception:
+                log.exception("reporting %r failed", gone)
 
     # --- inside --------------------------------------------------------------------
 
-    async def _connect(self) -> ClientConnection | None:
+    async def _run(self) -> Disconnected:
+        why = check_realtime_url(self.uri)
+        if why:
+            return Disconnected(why, unrecoverable=True)
+        ws = await self._connect()
+        if isinstance(ws, Disconnected):
+            return ws
+        reader = asyncio.create_task(self._read(ws), name="realtime-reader")
+        writer = asyncio.create_task(self._write(ws), name="realtime-writer")
+        try:
+            # The reader ends when the socket does and says why. The writer ends by
+            # itself only after close() (the reader then sees the close) or by failing.
+            await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+            if writer.done():
+                writer.result()  # raise here what made the writer fail, if anything did
+            return await reader
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+            await ws.close()
+
+    async def _connect(self) -> ClientConnection | Disconnected:
         headers = {"Authorization": f"Bearer {self._api_key.reveal()}"} if self._api_key else {}
         last = ""
         for attempt in range(self._backoff.attempts):
@@ -165,21 +193,21 @@ class RealtimeClient:
                          delay, attempt + 1, self._backoff.attempts)
                 await asyncio.sleep(delay)
             if self._closing:
-                self._on_event(Disconnected("closed by speakerd before connecting"))
-                return None
+                return Disconnected("closed by speakerd before connecting")
             started = time.monotonic()
             try:
                 ws = await connect(self.uri, additional_headers=headers,
                                    user_agent_header=f"speakerd/{__version__}",
                                    max_size=self._max_frame_bytes,
                                    open_timeout=self._open_timeout,
-                                   ping_interval=20, ping_timeout=20, close_timeout=2)
+                                   ping_interval=self._ping_interval,
+                                   ping_timeout=self._ping_timeout,
+                                   close_timeout=self._close_timeout)
             except InvalidStatus as e:
                 severity, last = protocol.classify_status(e.response.status_code)
                 if severity is Severity.UNRECOVERABLE:
                     log.error("realtime server %s refused the connection: %s", self.host, last)
-                    self._on_event(Disconnected(last, unrecoverable=True))
-                    return None
+                    return Disconnected(last, unrecoverable=True)
                 log.warning("realtime server %s: %s", self.host, last)
             except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
                 last = f"cannot reach {self.host}: {e}"
@@ -188,34 +216,36 @@ class RealtimeClient:
                 log.info("connected to %s in %.0f ms", self.host,
                          (time.monotonic() - started) * 1000)
                 return ws
-        self._on_event(Disconnected(f"no connection after {self._backoff.attempts} "
-                                    f"attempts; last: {last}"))
-        return None
+        return Disconnected(f"no connection after {self._backoff.attempts} "
+                            f"attempts; last: {last}")
 
     async def _write(self, ws: ClientConnection) -> None:
-        while True:
-            frame = await self._outbox.get()
-            if frame is None:
-                await ws.close()
-                return
-            await ws.send(frame)
-
-    async def _read(self, ws: ClientConnection) -> str:
         try:
-            async for frame in ws:
-                if isinstance(frame, bytes):
-                    log.warning("ignored a binary frame of %d bytes from %s", len(frame),
-                                self.host)
-                    continue
-                try:
-                    event = protocol.parse(frame)
-                except protocol.ParseError as e:
-                    log.warning("%s; ignored it", e)
-                    continue
-                self._handle(event)
-        except ConnectionClosed as e:
-            return self._close_reason(e)
-        return self._close_reason(None)
+            while True:
+                frame = await self._outbox.get()
+                if frame is None:
+                    await ws.close()
+                    return
+                await ws.send(frame)
+        except ConnectionClosed:
+            return  # the reader reports why
+
+    async def _read(self, ws: ClientConnection) -> Disconnected:
+        while True:
+            try:
+                frame = await ws.recv()
+            except ConnectionClosed as e:  # every end of the socket, clean or not
+                return Disconnected(self._close_reason(e))
+            if isinstance(frame, bytes):
+                log.warning("ignored a binary frame of %d bytes from %s", len(frame),
+                            self.host)
+                continue
+            try:
+                event = protocol.parse(frame)
+            except protocol.ParseError as e:
+                log.warning("%s; ignored it", e)
+                continue
+            self._handle(event)
 
     def _handle(self, event: protocol.ServerEvent) -> None:
         if isinstance(event, protocol.SessionCreated):
@@ -237,16 +267,21 @@ class RealtimeClient:
             return
         self._on_event(event)
 
-    def _close_reason(self, e: ConnectionClosed | None) -> str:
+    def _close_reason(self, e: ConnectionClosed) -> str:
+        """Why the socket ended, from the close frames it received (`rcvd`) and sent."""
         if self._closing:
             return "closed by speakerd"
-        if e is not None and e.sent is not None and e.sent.code == CloseCode.MESSAGE_TOO_BIG:
+        rcvd, sent = e.rcvd, e.sent
+        if sent is not None and sent.code == CloseCode.MESSAGE_TOO_BIG:
             reason = (f"the server sent a frame over {self._max_frame_bytes} bytes; "
                       "speakerd closed the connection")
             log.error("%s", reason)
             return reason
-        rcvd = e.rcvd if e is not None else (self._ws.close_rcvd if self._ws else None)
         if rcvd is not None:
             why = f": {rcvd.reason}" if rcvd.reason else ""
             return f"server closed the connection (code {rcvd.code}{why})"
+        if sent is not None:
+            # speakerd failed the connection (e.g. no pong in time); no answer came.
+            return (f"the connection failed: {sent.reason or 'no reason given'} "
+                    f"(speakerd sent close code {sent.code}, got none)")
         return "connection lost without a close frame"
