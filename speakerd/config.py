@@ -24,6 +24,28 @@ BUILTIN_WAKE_WORDS = ("alexa", "hey_jarvis", "hey_mycroft", "hey_rhasspy", "okay
 LED_NAMES = ("red", "green", "blue", "status")
 # BCM numbering on the 40-pin header.
 MAX_BCM_PIN = 27
+MAX_PIXELS = 256  # an APA102 ring; one SPI transfer stays within spidev's 4096 bytes
+# SPI0 on the header (BCM): what a pixel ring on spi_device 0 or 1 occupies.
+SPI0_PINS = {"clock": 11, "mosi": 10, "miso": 9}
+SPI0_SELECT = (8, 7)
+
+# [hardware] preset: the keys each board fills in, unless the file sets them.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # ReSpeaker 2-Mics Pi HAT: 3 APA102 pixels on SPI, the user button on GPIO17
+    # (Seeed wiki https://wiki.seeedstudio.com/ReSpeaker_2_Mics_Pi_HAT/, "Hardware
+    # Overview"; its source: github.com/SeeedDocument/MIC_HATv1.0_for_raspberrypi,
+    # Respeaker_2_Mics_Pi_HAT.md). The vendor's APA102 driver opens /dev/spidev0.1
+    # (github.com/respeaker/pixel_ring, pixel_ring/apa102.py: bus=0, device=1).
+    "respeaker-2mic": {"leds": {"kind": "apa102", "count": 3, "spi_port": 0,
+                                "spi_device": 1},
+                       "buttons": {"talk": 17}},
+    # ReSpeaker 4-Mic Array for Raspberry Pi: 12 APA102 pixels, their power switched
+    # by GPIO5 (github.com/respeaker/4mics_hat, pixels.py: PIXELS_N = 12, LED(5).on();
+    # github.com/respeaker/pixel_ring, examples/respeaker_4mic_array.py), same SPI
+    # driver as above. The vendor's code reads no button, so the preset sets none.
+    "respeaker-4mic": {"leds": {"kind": "apa102", "count": 12, "spi_port": 0,
+                                "spi_device": 1, "power_pin": 5}},
+}
 
 
 def _opt(default: Any, doc: str, *, lo: float | None = None, hi: float | None = None,
@@ -90,7 +112,17 @@ class LedsConfig:
     active_high: bool = _opt(True, "true when a high pin lights the LED")
     patterns: dict[str, dict[str, Any]] = _opt({}, "per-state overrides of the default "
                                                "patterns: { kind, color, on_seconds, "
-                                               "off_seconds }")
+                                               "off_seconds, width, flash_seconds }")
+    kind: str = _opt("gpio", "gpio: LEDs on pins; apa102: a ring of APA102 pixels on SPI",
+                     choices=("gpio", "apa102"))
+    count: int = _opt(3, "apa102: number of pixels", lo=1, hi=MAX_PIXELS)
+    spi_port: int = _opt(0, "apa102: SPI port (gpiozero drives SPI0)", lo=0, hi=0)
+    spi_device: int = _opt(0, "apa102: SPI chip select, 0 (CE0, GPIO8) or 1 (CE1, GPIO7)",
+                           lo=0, hi=1)
+    brightness: float = _opt(0.5, "apa102: global brightness, 0-1 (5 bits on the wire)",
+                             lo=0.0, hi=1.0)
+    power_pin: int = _opt(0, "apa102: BCM pin driven high while speakerd runs (LED "
+                          "power); 0 = none", lo=0, hi=MAX_BCM_PIN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +136,12 @@ class ButtonsConfig:
     bounce_time: float = _opt(0.05, "seconds a press must settle (debounce)", lo=0.0, hi=1.0)
     pull_up: bool = _opt(True, "true for buttons wired to ground")
     remember_mute: bool = _opt(False, "keep the mute state across restarts")
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareConfig:
+    preset: str = _opt("", "a board whose LEDs and button to set up: " + ", ".join(
+        PRESETS) + '; "" for none; explicit [leds]/[buttons] keys win')
 
 
 BUILTIN_TOOLS = ("get_time", "get_volume", "set_volume", "end_conversation", "set_timer",
@@ -131,23 +169,47 @@ class Config:
     realtime: RealtimeConfig = field(default_factory=RealtimeConfig)
     conversation: ConversationConfig = field(default_factory=ConversationConfig)
     cues: CuesConfig = field(default_factory=CuesConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
     leds: LedsConfig = field(default_factory=LedsConfig)
     buttons: ButtonsConfig = field(default_factory=ButtonsConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     path: str = DEFAULT_PATH
+    # Dotted keys whose values came from [hardware] preset, not from the file.
+    from_preset: tuple[str, ...] = field(default=(), compare=False)
 
 
 # Field types are strings under `from __future__ import annotations`: name them here.
 _SECTION_TYPES = {"audio": AudioConfig, "wake_word": WakeWordConfig,
                   "realtime": RealtimeConfig, "conversation": ConversationConfig,
-                  "cues": CuesConfig, "leds": LedsConfig, "buttons": ButtonsConfig,
-                  "tools": ToolsConfig, "log": LogConfig}
+                  "cues": CuesConfig, "hardware": HardwareConfig, "leds": LedsConfig,
+                  "buttons": ButtonsConfig, "tools": ToolsConfig, "log": LogConfig}
 
 
 def default_path(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     return env.get("SPEAKERD_CONFIG") or DEFAULT_PATH
+
+
+def _unreadable() -> str:
+    """Why the config cannot be read, with the fix for whoever is running speakerd.
+
+    The service runs as the speakerd user; a person running `speakerd config --check`
+    is usually not in the speakerd group (install.sh makes /etc/speakerd 0750
+    root:speakerd), and the fix for them is sudo, not a change to the file.
+    """
+    uid = os.getuid()
+    try:
+        import pwd
+        name = pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        name = ""
+    if name == "speakerd":
+        return (f"not readable by the speakerd user (uid {uid}); install.sh leaves it "
+                "root:speakerd, mode 0640, in /etc/speakerd (0750 root:speakerd)")
+    who = f"uid {uid} ({name})" if name else f"uid {uid}"
+    return (f"not readable by {who}: run it with sudo, or join the speakerd group "
+            f"(sudo adduser {name or '$USER'} speakerd, then log in again)")
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -160,8 +222,7 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(path, "", "no such file (create it from the packaged "
                           "config/speakerd.toml, or pass --config)") from None
     except PermissionError:
-        raise ConfigError(path, "", f"not readable by uid {os.getuid()} "
-                          "(the file must be readable by the speakerd user)") from None
+        raise ConfigError(path, "", _unreadable()) from None
     except IsADirectoryError:
         raise ConfigError(path, "", "is a directory, not a TOML file") from None
     except tomllib.TOMLDecodeError as e:
@@ -173,6 +234,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 def from_dict(raw: Mapping[str, Any], path: str = "<config>") -> Config:
     _reject_unknown(raw, _SECTION_TYPES, path, "", "section")
+    raw, from_preset = _apply_preset(raw, path)
     sections: dict[str, Any] = {}
     for name, cls in _SECTION_TYPES.items():
         value = raw.get(name, {})
@@ -180,9 +242,29 @@ def from_dict(raw: Mapping[str, Any], path: str = "<config>") -> Config:
             raise ConfigError(path, name, f"must be a table ([{name}]), "
                               f"not {_tname(value)}")
         sections[name] = _section(cls, value, path, name)
-    config = Config(**sections, path=path)
+    config = Config(**sections, path=path, from_preset=from_preset)
     _check_cross(config, path)
     return config
+
+
+def _apply_preset(raw: Mapping[str, Any], path: str
+                  ) -> tuple[Mapping[str, Any], tuple[str, ...]]:
+    """The file with [hardware] preset's keys filled in where the file has none."""
+    hardware = raw.get("hardware", {})
+    name = hardware.get("preset", "") if isinstance(hardware, dict) else ""
+    if not isinstance(name, str) or not name:
+        return raw, ()  # a wrong type is reported with the section's other keys
+    if name not in PRESETS:
+        raise ConfigError(path, "hardware.preset", f"unknown preset '{name}' (known: "
+                          + ", ".join(PRESETS) + '; "" for none)')
+    out, filled = dict(raw), []
+    for section, values in PRESETS[name].items():
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            continue  # reported as a section that is not a table
+        out[section] = {**values, **given}
+        filled += [f"{section}.{key}" for key in values if key not in given]
+    return out, tuple(filled)
 
 
 def _section(cls: type, raw: dict[str, Any], path: str, section: str) -> Any:
@@ -285,7 +367,11 @@ def _check_cross(config: Config, path: str) -> None:
                               f"must be a BCM pin number 1 to {MAX_BCM_PIN}")
     if "status" in pins and len(pins) > 1:
         raise ConfigError(path, "leds.pins", "use either status or red/green/blue, not both")
-    _check_patterns(config.leds.patterns, path)
+    ring = config.leds.kind == "apa102"
+    if ring and pins:
+        raise ConfigError(path, "leds.pins", 'is for kind = "gpio"; a pixel ring (kind = '
+                          '"apa102") is wired to SPI: set count and spi_device instead')
+    _check_patterns(config.leds.patterns, path, config.leds)
     available = (*BUILTIN_TOOLS, *plugin_names())
     for name in config.tools.enabled:
         if name not in available:
@@ -295,7 +381,12 @@ def _check_cross(config: Config, path: str) -> None:
     used: dict[int, str] = {}
     buttons = {f"buttons.{n}": getattr(config.buttons, n)
                for n in ("mute", "talk", "volume_up", "volume_down")}
-    for key, pin in [*((f"leds.pins.{n}", p) for n, p in pins.items()), *buttons.items()]:
+    leds = [(f"leds.pins.{n}", p) for n, p in pins.items()]
+    if ring:
+        leds = [*((f"leds (SPI0 {n})", p) for n, p in SPI0_PINS.items()),
+                ("leds.spi_device", SPI0_SELECT[config.leds.spi_device]),
+                ("leds.power_pin", config.leds.power_pin)]
+    for key, pin in [*leds, *buttons.items()]:
         if pin == 0:
             continue
         if pin in used:
@@ -306,11 +397,12 @@ def _check_cross(config: Config, path: str) -> None:
 # The states LEDs show, and what each pattern may say.
 LED_STATES = ("idle", "connecting", "listening", "thinking", "responding", "audio_playing",
               "muted", "error")
-PATTERN_KINDS = ("off", "solid", "blink", "pulse")
-PATTERN_KEYS = {"kind": str, "color": list, "on_seconds": float, "off_seconds": float}
+PATTERN_KINDS = ("off", "solid", "blink", "pulse", "breathe", "spin")
+PATTERN_KEYS = {"kind": str, "color": list, "on_seconds": float, "off_seconds": float,
+                "width": int, "flash_seconds": float}
 
 
-def _check_patterns(patterns: dict[str, Any], path: str) -> None:
+def _check_patterns(patterns: dict[str, Any], path: str, leds: LedsConfig) -> None:
     for state, spec in patterns.items():
         key = f"leds.patterns.{state}"
         if state not in LED_STATES:
@@ -328,13 +420,25 @@ def _check_patterns(patterns: dict[str, Any], path: str) -> None:
             if name == "kind" and value not in PATTERN_KINDS:
                 raise ConfigError(path, f"{key}.kind", f"'{value}' is not allowed (one of: "
                                   + ", ".join(PATTERN_KINDS) + ")")
+            if name == "kind" and value == "spin" and leds.kind != "apa102":
+                raise ConfigError(path, f"{key}.kind", "'spin' needs a pixel ring "
+                                  '(leds.kind = "apa102")')
+            if name == "width" and (isinstance(value, bool) or not isinstance(value, int)
+                                    or not 0 <= value <= leds.count):
+                raise ConfigError(path, f"{key}.width", "must be a whole number of pixels "
+                                  f"from 1 to leds.count ({leds.count}), or 0 for a quarter "
+                                  "of the ring")
             if name == "color" and (not isinstance(value, list) or len(value) != 3 or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
                     for v in value)):
                 raise ConfigError(path, f"{key}.color", "must be [red, green, blue], each "
                                   "from 0 to 1")
-            if name.endswith("_seconds") and (isinstance(value, bool) or not isinstance(
-                    value, (int, float)) or not 0.02 <= value <= 10):
+            if name == "flash_seconds" and (isinstance(value, bool) or not isinstance(
+                    value, (int, float)) or not 0 <= value <= 10):
+                raise ConfigError(path, f"{key}.{name}", "must be a number from 0 to 10")
+            elif name.endswith("_seconds") and name != "flash_seconds" and (
+                    isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 0.02 <= value <= 10):
                 raise ConfigError(path, f"{key}.{name}", "must be a number from 0.02 to 10")
 
 
@@ -444,7 +548,10 @@ def to_toml(config: Config, api_key: Secret | None = None) -> str:
         lines.append(f"\n[{name}]")
         section = getattr(config, name)
         for f in dataclasses.fields(section):
-            lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+            line = f"{f.name} = {_toml_value(getattr(section, f.name))}"
+            if f"{name}.{f.name}" in config.from_preset:
+                line += f"  # from preset {config.hardware.preset}"
+            lines.append(line)
     source = api_key.source if api_key else "none configured"
     lines.append(f"\n# API key: {'****' if api_key else '(none)'} (from {source})")
     return "\n".join(lines) + "\n"

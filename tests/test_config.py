@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import tomllib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -30,7 +32,10 @@ class TestDefaults:
         assert c.realtime.turn_detection == "semantic_vad"
         assert c.conversation == config.ConversationConfig(8.0, 600.0)
         assert c.cues == config.CuesConfig(True, True)
-        assert c.leds == config.LedsConfig({}, True, {})
+        assert c.leds == config.LedsConfig({}, True, {}, kind="gpio", count=3, spi_port=0,
+                                           spi_device=0, brightness=0.5, power_pin=0)
+        assert c.hardware == config.HardwareConfig(preset="")
+        assert c.from_preset == ()
         assert c.buttons == config.ButtonsConfig(0, 0, 0, 0, 0.05, True, False)
         assert c.tools == config.ToolsConfig(config.BUILTIN_TOOLS, 10.0)
         assert c.log.level == "info"
@@ -39,7 +44,7 @@ class TestDefaults:
         raw = tomllib.loads(SHIPPED.read_text())
         defaults = config.Config()
         for section in dataclasses.fields(defaults):
-            if section.name == "path":
+            if section.name in ("path", "from_preset"):
                 continue
             want = {f.name: getattr(getattr(defaults, section.name), f.name)
                     for f in dataclasses.fields(getattr(defaults, section.name))}
@@ -71,7 +76,7 @@ BAD = [
      "unknown key (did you mean 'threshold'?)"),
     ("[wakeword]\n", "wakeword", "unknown section (did you mean 'wake_word'?)"),
     ("[zzz]\n", "zzz", "unknown section (allowed: audio, wake_word, realtime, conversation, "
-     "cues, leds, buttons, tools, log)"),
+     "cues, hardware, leds, buttons, tools, log)"),
     ("audio = 3\n", "audio", "must be a table ([audio]), not an integer"),
     ("[wake_word]\nthreshold = 'high'\n", "wake_word.threshold", "must be a number, not a string"),
     ("[wake_word]\nthreshold = 1.5\n", "wake_word.threshold", "1.5 is out of range (0.01 to 1)"),
@@ -129,14 +134,90 @@ BAD = [
     ("[leds]\npatterns = { listenning = { kind = 'solid' } }\n", "leds.patterns.listenning",
      "unknown state (did you mean 'listening'?)"),
     ("[leds]\npatterns = { idle = { kind = 'glow' } }\n", "leds.patterns.idle.kind",
-     "'glow' is not allowed (one of: off, solid, blink, pulse)"),
+     "'glow' is not allowed (one of: off, solid, blink, pulse, breathe, spin)"),
     ("[leds]\npatterns = { idle = { color = 'blue' } }\n", "leds.patterns.idle.color",
      "must be [red, green, blue], each from 0 to 1"),
     ("[leds]\npatterns = { idle = { colour = [0, 0, 1] } }\n", "leds.patterns.idle.colour",
-     "unknown key (allowed: kind, color, on_seconds, off_seconds)"),
+     "unknown key (allowed: kind, color, on_seconds, off_seconds, width, flash_seconds)"),
     ("[leds]\npatterns = { error = { on_seconds = 0 } }\n", "leds.patterns.error.on_seconds",
      "must be a number from 0.02 to 10"),
 ]
+
+
+# Pixel rings and board presets (issue 16).
+RING_BAD = [
+    ("[leds]\nkind = 'apa102'\ncount = 0\n", "leds.count", "0 is out of range (1 to 256)"),
+    ("[leds]\nkind = 'apa102'\nbrightness = 2\n", "leds.brightness",
+     "2 is out of range (0 to 1)"),
+    ("[leds]\nkind = 'ws2812'\n", "leds.kind", "'ws2812' is not allowed (one of: gpio, apa102)"),
+    ("[hardware]\npreset = 'respeaker-6mic'\n", "hardware.preset",
+     "unknown preset 'respeaker-6mic' (known: respeaker-2mic, respeaker-4mic; \"\" for none)"),
+    ("[leds]\nspi_device = 2\n", "leds.spi_device", "2 is out of range (0 to 1)"),
+    ("[leds]\nkind = 'apa102'\npins = { status = 4 }\n", "leds.pins",
+     'is for kind = "gpio"; a pixel ring (kind = "apa102") is wired to SPI: set count and '
+     "spi_device instead"),
+    ("[leds]\npatterns = { thinking = { kind = 'spin' } }\n", "leds.patterns.thinking.kind",
+     "'spin' needs a pixel ring (leds.kind = \"apa102\")"),
+    ("[leds]\nkind = 'apa102'\ncount = 3\npatterns = { thinking = { width = 4 } }\n",
+     "leds.patterns.thinking.width",
+     "must be a whole number of pixels from 1 to leds.count (3), or 0 for a quarter of the ring"),
+    ("[hardware]\npreset = 'respeaker-2mic'\n[buttons]\nmute = 11\n", "buttons.mute",
+     "pin 11 is already used by leds (SPI0 clock)"),
+    ("[hardware]\npreset = 'respeaker-4mic'\n[buttons]\nmute = 5\n", "buttons.mute",
+     "pin 5 is already used by leds.power_pin"),
+]
+
+
+class TestRingAndPresets:
+    @pytest.mark.parametrize(("text", "key", "reason"), RING_BAD, ids=[b[1] for b in RING_BAD])
+    def test_error_names_file_key_and_reason(self, write_config, text, key, reason):
+        path = write_config(text)
+        with pytest.raises(ConfigError) as e:
+            config.load(path)
+        assert str(e.value) == f"{path}: {key}: {reason}"
+
+    @pytest.mark.parametrize(("text", "key", "reason"), RING_BAD[:4],
+                             ids=[b[1] for b in RING_BAD[:4]])
+    def test_cli_exits_78_naming_the_key(self, write_config, text, key, reason):
+        path = write_config(text)
+        r = run_speakerd("config", "--check", "--config", str(path))
+        assert (r.returncode, r.stdout) == (EX_CONFIG, "")
+        assert r.stderr == f"speakerd: {path}: {key}: {reason}\n"
+
+    def test_2mic_preset_fills_the_ring_and_the_talk_button(self, write_config):
+        c = config.load(write_config("[hardware]\npreset = 'respeaker-2mic'\n"))
+        assert (c.leds.kind, c.leds.count, c.leds.spi_port, c.leds.spi_device,
+                c.leds.power_pin) == ("apa102", 3, 0, 1, 0)
+        assert c.buttons.talk == 17
+        assert c.from_preset == ("leds.kind", "leds.count", "leds.spi_port",
+                                 "leds.spi_device", "buttons.talk")
+
+    def test_4mic_preset_powers_twelve_pixels(self, write_config):
+        c = config.load(write_config("[hardware]\npreset = 'respeaker-4mic'\n"))
+        assert (c.leds.kind, c.leds.count, c.leds.spi_device, c.leds.power_pin) == (
+            "apa102", 12, 1, 5)
+        assert c.buttons.talk == 0
+
+    def test_explicit_keys_override_the_preset(self, write_config):
+        c = config.load(write_config("[hardware]\npreset = 'respeaker-2mic'\n"
+                                     "[leds]\ncount = 6\n[buttons]\ntalk = 0\nmute = 17\n"))
+        assert (c.leds.kind, c.leds.count, c.buttons.talk, c.buttons.mute) == (
+            "apa102", 6, 0, 17)
+        assert "leds.count" not in c.from_preset and "buttons.talk" not in c.from_preset
+
+    def test_show_marks_what_the_preset_filled_in(self, write_config):
+        path = write_config("[hardware]\npreset = 'respeaker-2mic'\n[leds]\nbrightness = 0.2\n")
+        r = run_speakerd("config", "--show", "--config", str(path))
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        for line in ('kind = "apa102"  # from preset respeaker-2mic',
+                     "count = 3  # from preset respeaker-2mic",
+                     "spi_device = 1  # from preset respeaker-2mic",
+                     "talk = 17  # from preset respeaker-2mic",
+                     "brightness = 0.2", "power_pin = 0", 'preset = "respeaker-2mic"'):
+            assert line in lines
+        shown = write_config(r.stdout, "shown.toml")
+        assert dataclasses.replace(config.load(shown), path=str(path)) == config.load(path)
 
 
 class TestErrors:
@@ -179,8 +260,21 @@ class TestErrors:
             with pytest.raises(ConfigError) as e:
                 config.load(path)
             message, uid = str(e.value), os.getuid()
-        assert message == (f"{path}: not readable by uid {uid} "
-                           "(the file must be readable by the speakerd user)")
+        # A person is told to use sudo, not that the file is wrong for the service.
+        name = pwd.getpwuid(uid).pw_name
+        assert message == (f"{path}: not readable by uid {uid} ({name}): run it with sudo, "
+                           f"or join the speakerd group (sudo adduser {name} speakerd, then "
+                           "log in again)")
+
+    def test_unreadable_file_as_the_service_user(self, write_config, monkeypatch):
+        path = write_config("")
+        monkeypatch.setattr(pwd, "getpwuid", lambda uid: SimpleNamespace(pw_name="speakerd"))
+        monkeypatch.setattr(config, "open", _refuse, raising=False)
+        with pytest.raises(ConfigError) as e:
+            config.load(path)
+        assert str(e.value) == (
+            f"{path}: not readable by the speakerd user (uid {os.getuid()}); install.sh "
+            "leaves it root:speakerd, mode 0640, in /etc/speakerd (0750 root:speakerd)")
 
     def test_directory_instead_of_file(self, tmp_path):
         r = run_speakerd("config", "--check", "--config", str(tmp_path))
@@ -193,6 +287,10 @@ class TestErrors:
         r = run_speakerd("config", "--check", "--config", str(path))
         assert r.returncode == EX_CONFIG
         assert r.stderr.startswith(f"speakerd: {path}: ")
+
+
+def _refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
 
 
 def _load_error_as_nobody(path: Path) -> str:

@@ -4,10 +4,13 @@ steer it. Real audio (PulseAudio), real models, the fixture server as the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import time
 
 import numpy as np
 import pytest
+from gpiozero import Device
 from gpiozero.pins.mock import MockFactory, MockPWMPin
 
 from speakerd import config as configmod
@@ -18,6 +21,7 @@ from speakerd.notify import Notifier
 from .conftest import need
 from .realtime_server import RealtimeServer, Reply
 from .speech import have_espeak, silence, speak, write_wav
+from .test_leds_buttons import BLUE_PX, CYAN_PX, OFF, Apa102Decoder
 
 
 async def until(predicate, timeout: float = 60) -> None:
@@ -29,16 +33,34 @@ async def until(predicate, timeout: float = 60) -> None:
 
 @pytest.fixture
 async def running(tmp_path, pulse):
+    factory = MockFactory(pin_class=MockPWMPin)
+    async with daemon_on(tmp_path, pulse, factory,
+                         "[leds]\npins = { red = 17, green = 27, blue = 22 }\n"
+                         "[buttons]\nmute = 5\ntalk = 6\nremember_mute = true\n") as running:
+        yield running
+
+
+@pytest.fixture
+async def running_ring(tmp_path, pulse, monkeypatch):
+    """The daemon on a ReSpeaker 2-mic HAT's preset: 3 APA102 pixels on SPI 0.1."""
+    factory = MockFactory()
+    monkeypatch.setattr(Device, "pin_factory", factory)  # gpiozero's software SPI bus
+    wire = Apa102Decoder(factory, 3, select_pin=7)
+    async with daemon_on(tmp_path, pulse, factory,
+                         '[hardware]\npreset = "respeaker-2mic"\n') as running:
+        yield (*running, wire)
+
+
+@contextlib.asynccontextmanager
+async def daemon_on(tmp_path, pulse, factory: MockFactory, gpio_toml: str):
     need(have_espeak(), "espeak-ng")
     server = RealtimeServer(vad=True, replies=[Reply(audio_ms=800), Reply(audio_ms=600)])
-    factory = MockFactory(pin_class=MockPWMPin)
     async with server:
         path = tmp_path / "speakerd.toml"
         path.write_text(
             '[audio]\ncapture_device = "mic"\nplayback_device = "spk"\n'
             f'[realtime]\nurl = "{server.url}"\n[conversation]\nfollow_up_seconds = 3\n'
-            "[leds]\npins = { red = 17, green = 27, blue = 22 }\n"
-            "[buttons]\nmute = 5\ntalk = 6\nremember_mute = true\n")
+            + gpio_toml)
         daemon = Daemon(configmod.load(path), notifier=Notifier({}),
                         redact=logmod.RedactFilter(), pin_factory=factory,
                         state_dir=str(tmp_path))
@@ -84,6 +106,51 @@ async def test_leds_follow_a_two_turn_conversation(running):
         *["thinking", "responding", "audio_playing", "listening"] * turns, "idle"]
     assert (factory.pin(17).state, factory.pin(27).state, factory.pin(22).state) == (0, 0, 0)
     assert len(server.handshakes) == 1
+
+
+# What each state may put on a 3-pixel ring with the default ring patterns.
+RING_LOOKS = {"idle": {"off"}, "connecting": {"blue", "blue spin"}, "listening": {"blue"},
+              "thinking": {"cyan spin"}, "responding": {"cyan", "off"},
+              "audio_playing": {"cyan", "off"}}
+
+
+def ring_look(pixels) -> str:
+    lit = [p for p in pixels if p != OFF]
+    if not lit:
+        return "off"
+    if len(lit) == len(pixels) and len(set(pixels)) == 1:
+        r, g, b = pixels[0]
+        return "blue" if pixels[0] == BLUE_PX else "cyan" if r == 0 and g == b else "?"
+    if len(lit) == 1:
+        return {BLUE_PX: "blue spin", CYAN_PX: "cyan spin"}.get(lit[0], "?")
+    return "?"
+
+
+async def test_ring_follows_a_two_turn_conversation(running_ring):
+    daemon, server, _, say, wire = running_ring
+    say(request("what is the weather today"), "one")
+    await until(lambda: daemon.leds.history.count("listening") == 2)
+    say(np.concatenate([speak("and tomorrow"), silence(2)]), "two")
+    await until(lambda: daemon.leds.history.count("listening") >= 3)
+    await until(lambda: daemon.leds.history[-1] == "idle")
+    await until(lambda: wire.pixels()[-1] == (OFF,) * 3)
+    turns = [e["type"] for e in server.sent].count("input_audio_buffer.committed")
+    history = list(daemon.leds.history)
+    assert history == ["idle", "connecting", "listening",
+                       *["thinking", "responding", "audio_playing", "listening"] * turns,
+                       "idle"]
+    # Every frame on the wire is one the state of that moment draws, in the states'
+    # order (a state shorter than a frame may leave none).
+    looks = [ring_look(px) for px in wire.pixels()]
+    at = 0
+    for n, look in enumerate(looks):
+        while look not in RING_LOOKS[history[at]]:
+            at += 1
+            assert at < len(history), f"frame {n} ({look}) out of order: {looks}"
+    runs = [look for look, _ in itertools.groupby(looks)]
+    assert runs[0] == "off" and runs[-1] == "off"
+    assert runs.count("blue") >= turns + 1  # listening before each turn and after the last
+    assert runs.count("cyan") >= turns  # an answer breathing each turn
 
 
 async def test_mute_stops_wake_word_and_mic_until_unmuted(running, tmp_path):
