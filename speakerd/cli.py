@@ -1,4 +1,5 @@
-"""The `speakerd` command: run, config --check/--show, version; maps errors to exit codes."""
+"""The `speakerd` command: run, status, config --check/--show, version; maps errors to exit
+codes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import sys
 from speakerd import __version__
 from speakerd import config as configmod
 from speakerd import log as logmod
-from speakerd.errors import EX_OK, EX_SOFTWARE, SpeakerdError
+from speakerd.errors import EX_OK, EX_SOFTWARE, EX_UNAVAILABLE, SpeakerdError
 
 log = logging.getLogger("speakerd")
 
@@ -25,6 +26,15 @@ def _parser() -> argparse.ArgumentParser:
                    f"{configmod.DEFAULT_PATH})")
     run = sub.add_parser("run", help="run the daemon (what speakerd.service starts)")
     run.add_argument("--config", metavar="PATH", help=config_help)
+    run.add_argument("--control", metavar="PATH",
+                     help="control socket (default: $SPEAKERD_CONTROL, then "
+                          "$RUNTIME_DIRECTORY/control under systemd, else none)")
+    status = sub.add_parser("status", help="what the running daemon is doing "
+                            "(asks its control socket)")
+    status.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    status.add_argument("--control", metavar="PATH",
+                        help="control socket (default: $SPEAKERD_CONTROL, then "
+                             "/run/speakerd/control)")
     cfg = sub.add_parser("config", help="validate or show the config")
     cfg.add_argument("--config", metavar="PATH", help=config_help)
     mode = cfg.add_mutually_exclusive_group(required=True)
@@ -40,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"speakerd {__version__}")
         return EX_OK
+    if args.command == "status":
+        return _status(args.control, args.json)
     path = args.config or configmod.default_path()
     try:
         config = configmod.load(path)
@@ -57,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                 registry = build_tools(config, volume.Volume("", "", None), timers.Timers())
                 for tool in registry.tools.values():
                     print(f"# tool {tool.name}: {tool.description}")
+                if config.mcp:
+                    _show_mcp(config)
             else:
                 print(f"{path}: OK")
             return EX_OK
-        return _run(config, api_key)
+        return _run(config, api_key, args.control)
     except SpeakerdError as e:
         _fail(str(e))
         return e.exit_code
@@ -68,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         return EX_OK
 
 
-def _run(config: configmod.Config, api_key: configmod.Secret | None) -> int:
+def _run(config: configmod.Config, api_key: configmod.Secret | None,
+         control: str | None = None) -> int:
     from speakerd.daemon import Daemon
     from speakerd.notify import Notifier
 
@@ -80,7 +95,7 @@ def _run(config: configmod.Config, api_key: configmod.Secret | None) -> int:
                     "openai-key, or $OPENAI_API_KEY): conversations will fail until one is set")
     try:
         return asyncio.run(Daemon(config, notifier=Notifier(), redact=redact,
-                                  api_key=api_key).run())
+                                  api_key=api_key, control=control).run())
     except SpeakerdError:
         raise
     except Exception as e:
@@ -88,6 +103,41 @@ def _run(config: configmod.Config, api_key: configmod.Secret | None) -> int:
         log.exception("speakerd crashed: %s", e)
         _fail(f"crashed: {redact.redact(repr(e))}")
         return EX_SOFTWARE
+
+
+def _status(path: str | None, raw: bool) -> int:
+    """`speakerd status`: 0 with the daemon's answer, 69 when no daemon answers."""
+    import json
+
+    from speakerd import control
+
+    try:
+        reply = control.ask(control.client_path(path), {"request": "status"})
+    except control.Unreachable as e:
+        _fail(str(e))
+        return EX_UNAVAILABLE
+    if not reply.get("ok"):
+        _fail(f"status refused: {reply.get('error')}")
+        return EX_UNAVAILABLE
+    print(json.dumps(reply, indent=2) if raw else control.describe(reply))
+    return EX_OK
+
+
+def _show_mcp(config: configmod.Config) -> None:
+    """Connect to each [[mcp]] server once and list its tools, or say why it cannot."""
+    from speakerd.tools import mcp
+
+    logging.getLogger("speakerd.tools.mcp").setLevel(logging.ERROR)  # said below instead
+    for state in asyncio.run(mcp.probe(config.mcp, config.path)):
+        if state.connected:
+            print(f"# mcp {state.name} ({state.where}): connected, {len(state.tools)} tools")
+            for name in state.tools:
+                print(f"# mcp tool {name} (from {state.name})")
+            for skipped in state.skipped:
+                print(f"# mcp tool skipped (from {state.name}): {skipped}")
+        else:
+            print(f"# mcp {state.name} ({state.where}): not connected: "
+                  f"{state.error or 'no answer'}")
 
 
 def _fail(line: str) -> None:

@@ -6,6 +6,8 @@ import dataclasses
 import difflib
 import ipaddress
 import os
+import re
+import shutil
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -162,6 +164,25 @@ class LogConfig:
                       choices=("debug", "info", "warning", "error"))
 
 
+MCP_TRANSPORTS = ("auto", "streamable_http", "sse")
+MCP_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+@dataclass(frozen=True, slots=True)
+class McpServerConfig:
+    """One [[mcp]] table: an MCP server whose tools the model may call."""
+
+    name: str = _opt("", "short name; prefixes its tool names on a clash (required)")
+    url: str = _opt("", "http(s):// endpoint (streamable HTTP, or SSE); or set command")
+    command: tuple[str, ...] = _opt((), "a local stdio server: program and arguments")
+    token_file: str = _opt("", "file holding a Bearer token (mode 0600); url only")
+    transport: str = _opt("auto", "auto: SSE when the URL path ends in /sse, else "
+                          "streamable HTTP", choices=MCP_TRANSPORTS)
+    tools: tuple[str, ...] = _opt(("*",), "tool names to offer (shell patterns; * = all)")
+    timeout_seconds: float = _opt(10.0, "seconds a call (or the connect) may take",
+                                  lo=0.1, hi=120.0)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     audio: AudioConfig = field(default_factory=AudioConfig)
@@ -174,6 +195,7 @@ class Config:
     buttons: ButtonsConfig = field(default_factory=ButtonsConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    mcp: tuple[McpServerConfig, ...] = ()
     path: str = DEFAULT_PATH
     # Dotted keys whose values came from [hardware] preset, not from the file.
     from_preset: tuple[str, ...] = field(default=(), compare=False)
@@ -233,7 +255,9 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 
 def from_dict(raw: Mapping[str, Any], path: str = "<config>") -> Config:
-    _reject_unknown(raw, _SECTION_TYPES, path, "", "section")
+    # [[mcp]] is checked in _mcp_servers; the hint lists the [sections].
+    _reject_unknown({k: v for k, v in raw.items() if k != "mcp"}, _SECTION_TYPES, path, "",
+                    "section")
     raw, from_preset = _apply_preset(raw, path)
     sections: dict[str, Any] = {}
     for name, cls in _SECTION_TYPES.items():
@@ -242,9 +266,47 @@ def from_dict(raw: Mapping[str, Any], path: str = "<config>") -> Config:
             raise ConfigError(path, name, f"must be a table ([{name}]), "
                               f"not {_tname(value)}")
         sections[name] = _section(cls, value, path, name)
-    config = Config(**sections, path=path, from_preset=from_preset)
+    config = Config(**sections, mcp=_mcp_servers(raw.get("mcp", []), path), path=path,
+                    from_preset=from_preset)
     _check_cross(config, path)
     return config
+
+
+def _mcp_servers(raw: Any, path: str) -> tuple[McpServerConfig, ...]:
+    """The [[mcp]] tables, each checked on its own (keys are named mcp[i].key)."""
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise ConfigError(path, "mcp", "must be tables written [[mcp]], one per server")
+    servers: list[McpServerConfig] = []
+    for i, table in enumerate(raw):
+        key = f"mcp[{i}]"
+        server = _section(McpServerConfig, table, path, key)
+        if not MCP_NAME.fullmatch(server.name):
+            raise ConfigError(path, f"{key}.name", "is required: 1-32 letters, digits, _ or -")
+        if server.name in {s.name for s in servers}:
+            raise ConfigError(path, f"{key}.name", f"'{server.name}' names two servers")
+        if bool(server.url) == bool(server.command):
+            raise ConfigError(path, key, "set either url (an HTTP server) or command (a "
+                              "local stdio server), not both or neither")
+        if server.url:
+            parts = urlsplit(server.url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(path, f"{key}.url", f"'{server.url}' must be an http:// or "
+                                  "https:// URL with a host")
+        if server.command:
+            program = server.command[0]
+            found = shutil.which(program)
+            if not found:
+                raise ConfigError(path, f"{key}.command", f"{program}: no such executable "
+                                  "(give an absolute path, or one on $PATH)")
+            if server.token_file:
+                raise ConfigError(path, f"{key}.token_file", "is for url servers; a stdio "
+                                  "server takes its secrets from its own config")
+            if server.transport != "auto":
+                raise ConfigError(path, f"{key}.transport", "is for url servers")
+        if server.token_file:
+            _read_key_file(server.token_file, path, f"{key}.token_file", check_mode=True)
+        servers.append(server)
+    return tuple(servers)
 
 
 def _apply_preset(raw: Mapping[str, Any], path: str
@@ -552,6 +614,10 @@ def to_toml(config: Config, api_key: Secret | None = None) -> str:
             if f"{name}.{f.name}" in config.from_preset:
                 line += f"  # from preset {config.hardware.preset}"
             lines.append(line)
+    for server in config.mcp:
+        lines.append("\n[[mcp]]")
+        lines += [f"{f.name} = {_toml_value(getattr(server, f.name))}"
+                  for f in dataclasses.fields(server)]
     source = api_key.source if api_key else "none configured"
     lines.append(f"\n# API key: {'****' if api_key else '(none)'} (from {source})")
     return "\n".join(lines) + "\n"

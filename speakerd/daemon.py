@@ -13,6 +13,7 @@ from typing import Any
 
 from speakerd import __version__
 from speakerd import config as configmod
+from speakerd import control as controlmod
 from speakerd import log as logmod
 from speakerd import session as s
 from speakerd.audio import capture as capmod
@@ -82,7 +83,7 @@ class Daemon:
     def __init__(self, config: configmod.Config, *, notifier: Notifier,
                  redact: logmod.RedactFilter, api_key: configmod.Secret | None = None,
                  tools: Registry | None = None, pin_factory: Any = None,
-                 state_dir: str | None = None) -> None:
+                 state_dir: str | None = None, control: str | None = None) -> None:
         self.config = config
         self.notifier = notifier
         self.redact = redact
@@ -100,6 +101,7 @@ class Daemon:
         self.timers = timermod.Timers(on_change=self._timers_changed.set)
         self.ringer = timermod.Ringer(lambda: self._cue(s.PlayCue("timer")))
         self.tools = tools or build_tools(config, self.volume, self.timers)
+        self.mcp: Any = None  # speakerd.tools.mcp.Manager once [[mcp]] is configured
         self._inputs: asyncio.Queue[object] = asyncio.Queue()
         self._stop = asyncio.Event()
         self._exit_code = 0
@@ -118,6 +120,10 @@ class Daemon:
         self.detector: Detector | None = None
         self.leds = Leds(config.leds, pin_factory=pin_factory)
         self.buttons: Buttons | None = None
+        # The control socket (README, "Control socket") and what its status reports.
+        self.stats = controlmod.Stats()
+        self.control_path = controlmod.server_path(control)
+        self.control: controlmod.ControlServer | None = None
         self._handlers: dict[type, Any] = {
             s.Connect: self._connect, s.CloseConnection: self._close,
             s.Send: self._send, s.PlayAudio: self._play, s.FinishAudio: self._finish,
@@ -160,6 +166,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self.stats.watch_errors(self.redact.redact)
         self.open_devices(loop)
         assert self.capture and self.playback
         for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
@@ -173,7 +180,9 @@ class Daemon:
         if self.notifier.watchdog_interval:
             self._spawn(self._watchdog(), "watchdog")
         self._spawn(timermod.run(self.timers, self.ringer, self._timers_changed), "timers")
+        self._update_mcp()
         worker = self._spawn(self._work(), "session")
+        await self._start_control()
         self._log_startup()
         self.notifier.ready(self._status_text(
             s.STATUS[s.State.IDLE] + (" (muted)" if self.session.muted else "")))
@@ -182,6 +191,9 @@ class Daemon:
             await self._wind_down()
         finally:
             self.notifier.stopping()
+            if self.control:
+                self.control.close()
+            self.stats.unwatch_errors()
             worker.cancel()
             for task in list(self._tasks):
                 task.cancel()
@@ -215,6 +227,17 @@ class Daemon:
             await self._idle.wait()
             self._idle.clear()
 
+    def _update_mcp(self) -> None:
+        """Connect to the [[mcp]] servers (start-up, SIGHUP) in background tasks; their
+        tools join the registry as each server answers. No servers: `mcp` is not imported."""
+        if self.mcp is None and self.config.mcp:
+            from speakerd.tools import mcp as mcpmod
+            self.mcp = mcpmod.Manager((), self.tools, config_path=self.config.path,
+                                      on_secret=self.redact.add, spawn=self._spawn)
+        if self.mcp is not None:
+            self.mcp.config_path = self.config.path
+            self.mcp.update(self.config.mcp)
+
     def request_stop(self, why: str = "request", exit_code: int = 0) -> None:
         """Wind down and make run() return `exit_code` (non-zero: systemd restarts us)."""
         if not self._stop.is_set():
@@ -237,6 +260,7 @@ class Daemon:
             self.redact.add(key.reveal())
             self.api_key = key
         self.config = new
+        self._update_mcp()
         # Takes effect from the next conversation; devices and models stay as opened.
         self.session.settings = session_settings(new)
         if self.playback:
@@ -254,6 +278,7 @@ class Daemon:
         while True:
             inp = await self._inputs.get()
             self._trace(inp)
+            before, conv = self.session.state, self.session.conv
             try:
                 actions = self.session.handle(inp)
             except Exception:
@@ -262,6 +287,7 @@ class Daemon:
                 log.exception("the session failed on %s; ending the conversation and "
                               "starting over", type(inp).__name__)
                 self._start_over()
+                self._inputs.task_done()
                 continue
             for action in actions:
                 try:
@@ -271,6 +297,8 @@ class Daemon:
                     log.exception("could not carry out %s", type(action).__name__)
             if self.session.state in (s.State.IDLE, s.State.ERROR):
                 self._idle.set()
+            self.stats.step(before, conv, inp, self.session.state)
+            self._inputs.task_done()  # settled() waits for this
 
     def _start_over(self) -> None:
         muted = self.session.muted
@@ -380,6 +408,7 @@ class Daemon:
     def _from_client(self, client: clientmod.RealtimeClient, event: object) -> None:
         if client is not self._client:
             return  # a socket of an earlier conversation, still closing
+        self.stats.realtime(event, client.ready)
         if isinstance(event, clientmod.Ready):
             self.put(s.SessionReady())
         elif isinstance(event, clientmod.Disconnected):
@@ -510,6 +539,57 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
+
+    # --- the control socket -------------------------------------------------------------
+
+    async def _start_control(self) -> None:
+        """Listen on the control socket, if there is to be one; a speaker that cannot be
+        controlled still speaks, so a path it cannot use is an error, not the end."""
+        if not self.control_path:
+            log.info("no control socket: run under the unit ($RUNTIME_DIRECTORY), or "
+                     "give --control PATH or $%s", controlmod.ENV)
+            return
+        control = controlmod.ControlServer(self, self.control_path, spawn=self._spawn)
+        try:
+            await control.start()
+        except OSError as e:
+            log.error("no control socket: cannot listen on %s: %s", self.control_path, e)
+            return
+        self.control = control
+
+    def press(self, button: str) -> None:
+        """A button pressed from elsewhere (the control socket), as if on the GPIO."""
+        self._button(s.ButtonPressed(button))
+
+    async def settled(self) -> None:
+        """Return once the session has handled every input queued so far."""
+        await self._inputs.join()
+
+    def status(self) -> dict[str, Any]:
+        """The control socket's `status` reply (README, "Control socket")."""
+        devices = {}
+        for what, dev in (("microphone", self.capture), ("speaker", self.playback)):
+            got = dev.got if dev else None
+            devices[what] = {"device": dev.device if dev else None,
+                             "format": got and {"rate": got.rate, "channels": got.channels,
+                                                "format": got.format},
+                             "missing": what in self.missing}
+        c = self.config
+        return {
+            "version": __version__, "pid": os.getpid(), "state": self.session.state.value,
+            "status": self._status_text(s.STATUS[self.session.state]
+                                        + (" (muted)" if self.session.muted else "")),
+            "muted": self.session.muted, **self.stats.as_dict(),
+            "wake_word": {"models": [{"name": m.name, "threshold": m.threshold}
+                                     for m in (self.detector.classifiers if self.detector
+                                               else [])],
+                          "threshold": c.wake_word.threshold},
+            "devices": devices, "waiting_for": dict(self.missing),
+            "underruns": self.playback.underruns if self.playback else 0,
+            "overruns": self.capture.overruns if self.capture else 0,
+            "realtime": {"url": c.realtime.url, "model": c.realtime.model},
+            "mcp": self.mcp.status() if self.mcp else [],  # [[mcp]] servers and their tools
+        }
 
     def _log_startup(self) -> None:
         c = self.config

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,7 @@ class Tool:
     parameters: Mapping[str, Any]
     func: Callable[..., Awaitable[Any]]
     ends_conversation: bool = False
+    timeout: float | None = None  # seconds; None: the registry's
 
     def schema(self) -> dict[str, Any]:
         """As session.update's `tools` wants it (a RealtimeFunctionTool)."""
@@ -42,11 +45,22 @@ class ArgumentError(ValueError):
     """The model's arguments do not fit the tool's schema."""
 
 
+class ToolFailed(Exception):
+    """A tool's own report that it failed; its message is what the model is told."""
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what a Realtime function name may be
+
+
 class Registry:
+    """The tools on offer. Groups of tools (an MCP server's) may be replaced at run time;
+    each conversation's session.update takes the list as it is when it starts."""
+
     def __init__(self, tools: list[Tool] | None = None, *,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         self.tools: dict[str, Tool] = {}
         self.timeout = timeout
+        self.groups: dict[str, list[str]] = {}  # group -> names of its tools
         for tool in tools or []:
             self.add(tool)
 
@@ -54,6 +68,27 @@ class Registry:
         if tool.name in self.tools:
             raise ValueError(f"tool {tool.name} is registered twice")
         self.tools[tool.name] = tool
+
+    def set_group(self, group: str, tools: list[Tool], prefix: str = "") -> list[str]:
+        """Replace the tools of `group` (an empty list removes them). A name another
+        tool already has is prefixed with `prefix_` (default: the group's name);
+        returns the names given."""
+        for name in self.groups.pop(group, []):
+            self.tools.pop(name, None)
+        names: list[str] = []
+        for tool in tools:
+            name = tool.name
+            if name in self.tools or name in names:
+                name = f"{prefix or group}_{name}"[:64]
+            if name in self.tools or name in names:
+                log.warning("tool %s of %s is skipped: its name is taken twice", tool.name,
+                            group)
+                continue
+            self.tools[name] = dataclasses.replace(tool, name=name)
+            names.append(name)
+        if names:
+            self.groups[group] = names
+        return names
 
     def schemas(self) -> list[dict[str, Any]]:
         return [t.schema() for t in self.tools.values()]
@@ -72,10 +107,13 @@ class Registry:
         except (json.JSONDecodeError, ArgumentError) as e:
             return self._failed(name, f"invalid arguments: {e}")
         try:
-            value = await asyncio.wait_for(tool.func(**args), self.timeout)
+            timeout = tool.timeout or self.timeout
+            value = await asyncio.wait_for(tool.func(**args), timeout)
             output = json.dumps(value)
         except TimeoutError:
-            return self._failed(name, f"it did not finish within {self.timeout:g} s")
+            return self._failed(name, f"it did not finish within {timeout:g} s")
+        except ToolFailed as e:
+            return self._failed(name, str(e))
         except (TypeError, ValueError) as e:
             return self._failed(name, f"{type(e).__name__}: {e}")
         except Exception as e:  # a tool is third-party code: its bug must not end the talk

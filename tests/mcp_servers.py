@@ -1,0 +1,206 @@
+"""Real MCP servers for the tests, built on the `mcp` package's server side.
+
+`HassServer`: streamable HTTP on 127.0.0.1 at /api/mcp, shaped like Home Assistant's
+"Model Context Protocol Server" integration: a Bearer token is required (401
+otherwise), Assist-API tools `HassTurnOn` / `HassTurnOff` (`name`, `area`, `domain`)
+and `GetLiveContext`. Every call is recorded with the Authorization header it came
+with. `stateless=True` (the default) answers like Home Assistant does (stateless,
+JSON responses); `stateless=False` keeps sessions, so it can send
+`notifications/tools/list_changed` (see `set_tools`). `sse=True` serves the older SSE
+transport instead, at Home Assistant's /mcp_server/sse and /mcp_server/messages/.
+`hang = True` makes calls hang.
+
+    async with HassServer(token="...") as ha:   # ha.url, ha.calls, ha.auth_seen
+        ...
+
+Run as a script (`python tests/mcp_servers.py stdio RECORD`), it is a stdio server
+with one tool, `get_weather`; it appends its pid, then each call, as JSON lines to RECORD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from mcp import types
+from mcp.server import Server
+from mcp.server.context import ServerRequestContext
+
+OFF_ON = "Turns {} a device or entity"
+HASS_ARGS = {"type": "object", "properties": {
+    "name": {"type": "string"}, "area": {"type": "string"},
+    "domain": {"type": "array", "items": {"type": "string"}}}}
+
+
+def hass_tools() -> list[types.Tool]:
+    return [
+        types.Tool(name="HassTurnOn", description=OFF_ON.format("on"), input_schema=HASS_ARGS),
+        types.Tool(name="HassTurnOff", description=OFF_ON.format("off"),
+                   input_schema=HASS_ARGS),
+        types.Tool(name="GetLiveContext", description="Provides real-time information about "
+                   "the CURRENT state, value, or mode of devices, sensors, entities, or areas.",
+                   input_schema={"type": "object", "properties": {}}),
+    ]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    name: str
+    arguments: dict[str, Any]
+    authorization: str
+
+
+class HassServer:
+    def __init__(self, *, token: str = "", stateless: bool = True, sse: bool = False,
+                 tools: list[types.Tool] | None = None, port: int = 0) -> None:
+        self.token = token
+        self.tools = tools if tools is not None else hass_tools()
+        self.calls: list[Recorded] = []
+        self.auth_seen: list[str] = []
+        self.hang = False
+        self.results: dict[str, types.CallToolResult] = {}  # canned results by tool name
+        self.sessions: list[Any] = []
+        self.port = port
+        self.stateless = stateless
+        self.sse = sse
+        self._uvicorn: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self.server = Server("home-assistant-fixture", on_list_tools=self._list,
+                             on_call_tool=self._call)
+
+    @property
+    def url(self) -> str:
+        if self.sse:
+            return f"http://127.0.0.1:{self.port}/mcp_server/sse"
+        return f"http://127.0.0.1:{self.port}/api/mcp"
+
+    async def _list(self, ctx: ServerRequestContext, params: Any) -> types.ListToolsResult:
+        if ctx.session not in self.sessions:
+            self.sessions.append(ctx.session)
+        return types.ListToolsResult(tools=self.tools)
+
+    async def _call(self, ctx: ServerRequestContext, params: types.CallToolRequestParams
+                    ) -> types.CallToolResult:
+        auth = ctx.request.headers.get("authorization", "") if ctx.request else ""
+        self.calls.append(Recorded(params.name, dict(params.arguments or {}), auth))
+        if self.hang:
+            await asyncio.Event().wait()
+        if params.name in self.results:
+            return self.results[params.name]
+        if params.name == "GetLiveContext":
+            text = "Live Context: kitchen lights: on; hallway temperature: 21 °C"
+        else:
+            text = json.dumps({"speech": {}, "response_type": "action_done", "data": {
+                "success": [{"name": (params.arguments or {}).get("name", ""),
+                             "type": "entity"}], "failed": []}})
+        return types.CallToolResult(content=[types.TextContent(type="text", text=text)])
+
+    async def set_tools(self, tools: list[types.Tool]) -> None:
+        """Change the tool list and tell every connected client (stateful servers)."""
+        self.tools = tools
+        for session in self.sessions:
+            with contextlib.suppress(Exception):
+                await session.send_tool_list_changed()
+
+    def _app(self) -> Any:
+        app = self._sse_app() if self.sse else self.server.streamable_http_app(
+            streamable_http_path="/api/mcp", stateless_http=self.stateless,
+            json_response=self.stateless)
+
+        async def guarded(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                headers = dict(scope["headers"])
+                auth = headers.get(b"authorization", b"").decode()
+                self.auth_seen.append(auth)
+                if self.token and auth != f"Bearer {self.token}":
+                    await send({"type": "http.response.start", "status": 401,
+                                "headers": [(b"content-type", b"text/plain")]})
+                    await send({"type": "http.response.body", "body": b"401: Unauthorized"})
+                    return
+            await app(scope, receive, send)
+        return guarded
+
+    def _sse_app(self) -> Any:
+        from mcp.server.sse import SseServerTransport
+        sse = SseServerTransport("/mcp_server/messages/")
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+            elif scope["path"] == "/mcp_server/sse":
+                async with sse.connect_sse(scope, receive, send) as (read, write):
+                    await self.server.run(read, write,
+                                          self.server.create_initialization_options())
+            else:
+                await sse.handle_post_message(scope, receive, send)
+        return app
+
+    async def start(self) -> None:
+        import uvicorn
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(self._app(), log_level="warning", lifespan="on")
+        self._uvicorn = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._uvicorn.serve(sockets=[sock]))
+        while not self._uvicorn.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        if self._uvicorn is not None and self._task is not None:
+            self._uvicorn.should_exit = True
+            self._uvicorn.force_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+        self.sessions.clear()
+
+    async def __aenter__(self) -> HassServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def stdio_main(record: str) -> None:
+    import anyio
+    from mcp.server.stdio import stdio_server
+
+    async def list_tools(ctx: ServerRequestContext, params: Any) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=[types.Tool(
+            name="get_weather", description="The weather forecast for a city.",
+            input_schema={"type": "object", "properties": {"city": {"type": "string"}},
+                          "required": ["city"]})])
+
+    async def call_tool(ctx: ServerRequestContext, params: types.CallToolRequestParams
+                        ) -> types.CallToolResult:
+        with open(record, "a") as f:
+            f.write(json.dumps({"name": params.name, "arguments": params.arguments}) + "\n")
+        city = (params.arguments or {}).get("city", "")
+        return types.CallToolResult(content=[types.TextContent(
+            type="text", text=f"{city}: 18 °C, light rain")])
+
+    server = Server("weather-fixture", on_list_tools=list_tools, on_call_tool=call_tool)
+
+    async def main() -> None:
+        with open(record, "a") as f:
+            f.write(json.dumps({"pid": os.getpid()}) + "\n")
+        async with stdio_server() as (read, write):
+            await server.run(read, write, server.create_initialization_options())
+    anyio.run(main)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["stdio"]:
+        stdio_main(sys.argv[2])
