@@ -7,7 +7,9 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, TextIO
+
+from systemd import journal
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 IDENTIFIER = "speakerd"
@@ -16,6 +18,8 @@ FIELDS = ("SPEAKERD_STATE", "SPEAKERD_SESSION", "SPEAKERD_EVENT")
 # OpenAI-style keys: "sk-" then a long token. Matches project and service keys too.
 _KEY_SHAPE = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
 MASK = "****"
+# One plain line per record wherever records go as text (stderr, a terminal).
+LINE_FORMAT = "speakerd %(levelname)s %(name)s: %(message)s"
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO,
           "warning": logging.WARNING, "error": logging.ERROR}
@@ -67,6 +71,64 @@ class FieldsFormatter(logging.Formatter):
         return f"{line} [{extra}]" if extra else line
 
 
+class JournalOrStderrHandler(journal.JournalHandler):
+    """Sends records to journald natively; while its socket refuses, one stderr line each.
+
+    journald may stop or restart under a running speakerd. stderr is the unit's
+    journal stream, which systemd keeps open across journald restarts, so a record
+    the native socket refuses is written there once, as a plain line, instead of
+    being lost with a logging traceback. Each record tries the native socket
+    first: a refused datagram is one failed syscall, cheaper than keeping a retry
+    clock, and the first record after journald is back goes natively again. A
+    line on stderr says when the journal first refused; a journal entry says when
+    it is back and how many records went to stderr meanwhile.
+    """
+
+    def __init__(self, stream: TextIO | None = None, **fields: str) -> None:
+        super().__init__(sender_function=self._send, **fields)
+        self.stderr = logging.StreamHandler(stream)  # None: sys.stderr
+        self.stderr.setFormatter(FieldsFormatter(LINE_FORMAT))
+        self._refused: OSError | None = None  # what the last native send raised
+        self._unsent = 0  # records written to stderr since the journal first refused
+
+    def _send(self, message: str, /, **fields: Any) -> None:
+        try:
+            journal.send(message, **fields)
+        except OSError as error:
+            self._refused = error
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Called under the handler's lock, after the filters (redaction) ran."""
+        if self._send_native(record):
+            if self._unsent and self._send_native(self._own_record(
+                    logging.INFO, f"journald is back; {self._unsent} record(s) went to stderr "
+                                  "meanwhile")):
+                self._unsent = 0
+            return
+        if not self._unsent:
+            self.stderr.emit(self._own_record(
+                logging.WARNING, f"journald refused a record ({self._refused}); "
+                                 "records go to stderr until it is back"))
+        self._unsent += 1
+        self.stderr.emit(record)
+
+    def _send_native(self, record: logging.LogRecord) -> bool:
+        """False when the journal socket refused the record."""
+        self._refused = None
+        super().emit(record)  # sends through _send
+        return self._refused is None
+
+    def _own_record(self, level: int, message: str) -> logging.LogRecord:
+        """A record of the handler's own, filtered like any other."""
+        record = logging.LogRecord(__name__, level, __file__, 0, message, None, None)
+        self.filter(record)
+        return record
+
+    def close(self) -> None:
+        self.stderr.close()
+        super().close()
+
+
 def want_journal(environ: Mapping[str, str] | None = None) -> bool:
     """True when records should go to journald natively rather than to stderr.
 
@@ -97,13 +159,11 @@ def setup(level: str = "info", secrets: Iterable[str] = (), *,
         use_journal = want_journal()
     handler: logging.Handler
     if use_journal:
-        from systemd.journal import JournalHandler
-
-        handler = JournalHandler(SYSLOG_IDENTIFIER=IDENTIFIER)
+        handler = JournalOrStderrHandler(sys.stderr, SYSLOG_IDENTIFIER=IDENTIFIER)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(FieldsFormatter("speakerd %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(FieldsFormatter(LINE_FORMAT))
     handler.addFilter(redact)
     root = logging.getLogger()
     for old in list(root.handlers):

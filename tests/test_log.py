@@ -19,24 +19,61 @@ HELPERS = ROOT / "tests" / "helpers"
 KEY = "sk-proj-PROBEKEY0123456789abcdefghij"
 
 
-def _journal_entries(tmp_path: Path) -> list[dict[str, str]]:
+# Logs around a journald stop and start inside journald-sandbox (see its header for the
+# signals); run with `python -c` so that it needs no file of its own.
+RESTART_PROBE = """
+import logging, os, signal, sys
+from speakerd import log
+
+def journald(request):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {request})
+    os.kill(os.getppid(), request)
+    if signal.sigtimedwait({request}, 20) is None:
+        sys.exit(f"journald-sandbox did not answer {request!r}")
+
+key = os.environ["PROBE_KEY"]
+log.setup("info", [key], use_journal=True)
+logger = logging.getLogger("speakerd.probe")
+logger.info("before the stop")
+journald(signal.SIGUSR1)
+for n in range(4):
+    logger.info("while stopped %d", n, extra=log.fields(state="responding"))
+logger.warning("key while stopped: %s", key)
+journald(signal.SIGUSR2)
+logger.info("after the start", extra=log.fields(state="listening"))
+logger.info("second after the start")
+"""
+
+
+def _in_journald_sandbox(tmp_path: Path, *command: str) -> tuple[str, list[dict[str, str]]]:
+    """Runs command next to a private journald: its stderr, and what reached the journal."""
     need(os.getuid() == 0 and shutil.which("unshare") is not None,
          "root and unshare(1) to run a private journald")
     need(os.path.exists("/lib/systemd/systemd-journald"), "systemd-journald")
     env = clean_env(PROBE_KEY=KEY)
-    subprocess.run(
+    run = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", str(HELPERS / "journald-sandbox"),
-         str(tmp_path), sys.executable, str(HELPERS / "log_probe.py"), "journal"],
-        check=True, env=env, timeout=60, capture_output=True)
+         str(tmp_path), *command],
+        env=env, timeout=60, capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
     out = subprocess.run(["journalctl", "-D", str(tmp_path / "log" / "journal"), "-o", "json",
                           "SYSLOG_IDENTIFIER=speakerd"],
                          check=True, capture_output=True, text=True, timeout=30).stdout
-    return [json.loads(line) for line in out.splitlines()]
+    return run.stderr, [json.loads(line) for line in out.splitlines()]
 
 
 @pytest.fixture(scope="module")
 def entries(tmp_path_factory):
-    return _journal_entries(tmp_path_factory.mktemp("journal"))
+    _, entries = _in_journald_sandbox(tmp_path_factory.mktemp("journal"), sys.executable,
+                                      str(HELPERS / "log_probe.py"), "journal")
+    return entries
+
+
+@pytest.fixture(scope="module")
+def restart(tmp_path_factory):
+    """(stderr, journal entries) of RESTART_PROBE."""
+    return _in_journald_sandbox(tmp_path_factory.mktemp("restart"),
+                                sys.executable, "-c", RESTART_PROBE)
 
 
 class TestJournal:
@@ -65,6 +102,33 @@ class TestJournal:
         exc = next(e for e in entries if e["MESSAGE"].startswith("exception carrying"))
         assert "RuntimeError: handshake failed with header Bearer ****" in exc["MESSAGE"]
         assert "EXCEPTION_INFO" not in exc and "CODE_ARGS" not in exc
+
+
+class TestJournaldRestart:
+    """journald stops in the middle and starts again (the socket refuses meanwhile)."""
+
+    def test_each_record_goes_once_to_stderr_while_the_journal_refuses(self, restart):
+        stderr, _ = restart
+        assert "Logging error" not in stderr and "Traceback" not in stderr
+        assert stderr.splitlines() == [
+            "speakerd WARNING speakerd.log: journald refused a record ([Errno 111] "
+            "Connection refused); records go to stderr until it is back",
+            *(f"speakerd INFO speakerd.probe: while stopped {n} [SPEAKERD_STATE=responding]"
+              for n in range(4)),
+            "speakerd WARNING speakerd.probe: key while stopped: ****",
+        ]
+
+    def test_native_logging_resumes_when_journald_is_back(self, restart):
+        _, entries = restart
+        assert [e["MESSAGE"] for e in entries] == [
+            "before the stop",
+            "after the start",
+            "journald is back; 5 record(s) went to stderr meanwhile",
+            "second after the start",
+        ]
+        assert entries[1]["SPEAKERD_STATE"] == "listening"
+        assert entries[2]["LOGGER"] == "speakerd.log"
+        assert entries[2]["PRIORITY"] == "6"
 
 
 class TestStderr:
