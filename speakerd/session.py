@@ -195,6 +195,11 @@ class _Response:
     audio_ms: float = 0.0
     item_id: str | None = None  # the assistant message whose audio is played
     calls: tuple[p.FunctionCall, ...] = ()
+    barged_in: bool = False  # the user spoke over it: its tool round gets no response.create
+
+
+# A tool round's create_sent when it gets no response.create at all.
+NO_CREATE = "none: the user moved on, or no server to answer"
 
 
 @dataclass
@@ -203,7 +208,7 @@ class _Turn:
 
     response_id: str
     waiting: set[str]
-    create_sent: str | None = None  # event_id of the response.create, once sent
+    create_sent: str | None = None  # event_id of the response.create once sent, or NO_CREATE
 
 
 @dataclass
@@ -395,7 +400,10 @@ class Session:
             else:
                 log.warning("response %s failed (%s); the conversation goes on", r.id, why)
         if r.calls:
-            conv.turns.append(_Turn(r.id, {c.call_id for c in r.calls}))
+            # A barged-in response's outputs are still sent (the conversation stays
+            # valid), but the user has moved on: no response.create for its round.
+            conv.turns.append(_Turn(r.id, {c.call_id for c in r.calls},
+                                    NO_CREATE if r.barged_in else None))
             for call in r.calls:
                 self._emit(RunTool(call))
         if not streaming:
@@ -485,8 +493,7 @@ class Session:
             self._request_end("end_conversation tool")
             if self.conv is None:
                 return  # ended at once: nothing was due
-        self._maybe_create_response()
-        if self.state is State.THINKING and not self._tools_pending():
+        if self._maybe_create_response() and self.state is State.THINKING:
             self._timer("response", self.settings.response_timeout)
 
     def _tools_pending(self) -> bool:
@@ -494,24 +501,28 @@ class Session:
         return bool(conv and any(t.create_sent is None for t in conv.turns))
 
     def _abandon_rounds(self) -> None:
-        """Open tool rounds will never get their response.create (no socket, no server)."""
+        """No tool round gets a response.create from now on (no socket, no server, or the
+        user barged in). One already sent stays sent, but is not sent again if refused."""
         conv = self.conv
         assert conv
         for turn in conv.turns:
-            turn.create_sent = turn.create_sent or "never"
+            turn.create_sent = NO_CREATE
 
-    def _maybe_create_response(self) -> None:
-        """Exactly one response.create per tool round: all outputs sent, none active."""
+    def _maybe_create_response(self) -> bool:
+        """Exactly one response.create per tool round: all outputs sent, none active.
+
+        True when one was sent: a response is due now."""
         conv = self.conv
         assert conv
         if conv.active or not conv.connected:
-            return
+            return False
         for turn in conv.turns:
             if turn.create_sent is None and not turn.waiting:
                 event = p.response_create()
                 turn.create_sent = event["event_id"]
                 self._send(event)
-                return  # one at a time: the next waits for this one's response
+                return True  # one at a time: the next waits for this one's response
+        return False
 
     # --- interruptions and endings ---------------------------------------------------
 
@@ -520,6 +531,9 @@ class Session:
         assert conv
         if conv.active and conv.connected:
             self._send(p.response_cancel())
+        if conv.active:
+            self._response(conv.active).barged_in = True  # its round, if any, comes later
+        self._abandon_rounds()
         self._emit(FlushPlayback())  # PlaybackFlushed brings the ms heard, for truncate
         self._cancel("drain", "response")
         conv.playing.clear()

@@ -360,17 +360,6 @@ class TestFailureFour:
 
 
 class TestBargeIn:
-    def test_tool_result_after_a_barge_in_is_sent_but_create_waits_for_the_active_one(self):
-        c = Conv()
-        c.responding("r1", 2000)
-        c.feed(p.ResponseDone("r1", "completed", (p.FunctionCall("c1", "get_time", "{}"),)))
-        c.feed(s.WakeWordDetected("hey_jarvis"))  # barge-in while r1 plays
-        c.feed(p.AudioCommitted("u2"))
-        c.feed(p.ResponseCreated("r2"))  # the user's new turn is being answered
-        assert c.feed(s.ToolDone("c1", '"noon"')) == [
-            ("send", "conversation.item.create", ("call_id", "c1"), ("output", '"noon"'))]
-        assert ("send", "response.create") in c.feed(p.ResponseDone("r2", "completed", ()))
-
     def test_wake_word_while_responding_cancels_flushes_and_truncates(self):
         c = Conv()
         c.responding("r1", 3000)
@@ -398,6 +387,98 @@ class TestBargeIn:
         c.feed(s.EndRequested("shutdown"))
         c.feed(s.WakeWordDetected("hey_jarvis"))
         assert c.s.conv.end is None
+
+
+def output(call_id: str, text: str) -> tuple:
+    return ("send", "conversation.item.create", ("call_id", call_id), ("output", text))
+
+
+LISTEN_AGAIN = [("cancel", "response"), ("timer", "follow_up", 8.0),
+                ("timer", "mic_guard", 0.15), ("SetLeds", "listening")]
+
+
+class TestBargeInOnAToolRound:
+    """Invariant 3's exception: a barged-in response's outputs go out, no response.create.
+
+    The user has moved on, so the model must not speak a stale tool result after
+    (or instead of) answering the new question; in whatever order things happen.
+    """
+
+    TIMER = p.FunctionCall("c1", "set_timer", '{"minutes": 5}')
+
+    def barged_in_before_its_end(self, c: Conv) -> None:
+        c.responding("r1", 2000)
+        c.feed(s.WakeWordDetected("hey_jarvis", 300))
+        assert c.feed(p.ResponseDone("r1", "cancelled", (self.TIMER,))) == [
+            ("RunTool", self.TIMER)]
+
+    def test_barge_in_before_response_done_sends_the_output_but_no_response_create(self):
+        c = Conv()
+        self.barged_in_before_its_end(c)
+        assert c.feed(s.ToolDone("c1", '"set"')) == [output("c1", '"set"')]
+        assert c.s.state is State.LISTENING
+        c.feed(p.AudioCommitted("u2"))
+        c.feed(p.ResponseCreated("r2"))
+        assert c.feed(p.ResponseDone("r2", "completed", ())) == LISTEN_AGAIN
+
+    def test_barge_in_while_its_answer_plays_sends_the_output_but_no_response_create(self):
+        c = Conv()
+        c.responding("r1", 2000)
+        c.feed(p.ResponseDone("r1", "completed", (self.TIMER,)))
+        assert c.s.state is State.AUDIO_PLAYING
+        c.feed(s.ButtonPressed("talk"))
+        assert c.feed(s.ToolDone("c1", '"set"')) == [output("c1", '"set"')]
+        c.feed(p.AudioCommitted("u2"))
+        c.feed(p.ResponseCreated("r2"))
+        assert c.feed(p.ResponseDone("r2", "completed", ())) == LISTEN_AGAIN
+
+    def test_tools_finishing_while_the_new_question_is_answered_send_only_their_output(self):
+        c = Conv()
+        self.barged_in_before_its_end(c)
+        c.feed(p.AudioCommitted("u2"))
+        c.feed(p.ResponseCreated("r2"))
+        assert c.feed(s.ToolDone("c1", '"set"')) == [output("c1", '"set"')]
+        assert c.feed(p.ResponseDone("r2", "completed", ())) == LISTEN_AGAIN
+
+    def test_tools_finishing_after_the_new_answer_send_only_their_output(self):
+        c = Conv()
+        self.barged_in_before_its_end(c)
+        c.feed(p.AudioCommitted("u2"))
+        c.feed(p.ResponseCreated("r2"))
+        # Not THINKING "waiting for tool results": nothing is owed to the old question.
+        assert c.feed(p.ResponseDone("r2", "completed", ())) == LISTEN_AGAIN
+        assert c.feed(s.ToolDone("c1", '"set"')) == [output("c1", '"set"')]
+        assert c.s.state is State.LISTENING
+
+    def test_a_response_create_refused_after_the_barge_in_is_not_sent_again(self):
+        c = Conv()
+        c.responding("r1", 2000)
+        c.feed(p.ResponseDone("r1", "completed", (self.TIMER,)))
+        out = c.s.handle(s.ToolDone("c1", '"set"'))
+        create = next(a.event for a in out if isinstance(a, s.Send)
+                      and a.event["type"] == "response.create")
+        c.feed(s.WakeWordDetected("hey_jarvis", 300))
+        assert c.feed(p.ServerError("invalid_request_error",
+                                    "conversation_already_has_active_response", "busy", None,
+                                    create["event_id"])) == []
+        c.feed(p.AudioCommitted("u2"))
+        c.feed(p.ResponseCreated("r2"))
+        assert c.feed(p.ResponseDone("r2", "completed", ())) == LISTEN_AGAIN
+
+    def test_the_new_questions_own_tool_round_still_gets_its_response_create(self):
+        c = Conv()
+        self.barged_in_before_its_end(c)
+        c.feed(p.AudioCommitted("u2"))
+        c.feed(p.ResponseCreated("r2"))
+        volume = p.FunctionCall("c2", "get_volume", "{}")
+        assert c.feed(p.ResponseDone("r2", "completed", (volume,))) == [
+            ("cancel", "response"), ("RunTool", volume), ("timer", "response", 20.0),
+            ("SetLeds", "thinking")]
+        assert c.feed(s.ToolDone("c2", '{"percent": 40}')) == [
+            output("c2", '{"percent": 40}'), ("send", "response.create"),
+            ("timer", "response", 20.0)]
+        assert c.feed(s.ToolDone("c1", '"set"')) == [output("c1", '"set"')]
+        assert c.feed(p.ResponseCreated("r3"))[-1] == ("SetLeds", "responding")
 
 
 class TestMute:

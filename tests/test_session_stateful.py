@@ -41,12 +41,13 @@ class Count(logging.Handler):
 
 
 class Turn:
-    def __init__(self, rid: str, calls: set[str]) -> None:
+    def __init__(self, rid: str, calls: set[str], barged: bool = False) -> None:
         self.rid = rid
         self.calls = calls
         self.outputs: set[str] = set()
         self.creates = 0
         self.open = True  # on a connection that is still up
+        self.barged = barged  # the user barged in on it: outputs yes, response.create no
 
 
 class SessionMachine(RuleBasedStateMachine):
@@ -71,6 +72,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.tools: dict[str, str] = {}  # call id -> response id, RunTool not yet answered
         self.turns: list[Turn] = []
         self.creates: dict[str, Turn] = {}  # response.create event id -> its turn
+        self.barged: set[str] = set()  # responses the user barged in on while active
         self.open_ended = False  # the connection was lost while tools were owed
 
     def teardown(self) -> None:
@@ -87,6 +89,12 @@ class SessionMachine(RuleBasedStateMachine):
         before = self.s.state
         lines_before = self.log.state_lines
         was_active = self.server_active
+        talk = isinstance(inp, s.WakeWordDetected) or inp == s.ButtonPressed("talk")
+        if talk and before in (State.RESPONDING, State.AUDIO_PLAYING):
+            self.user_moved_on()  # a barge-in
+        owed_output = (isinstance(inp, s.ToolDone) and self.connected
+                       and any(t.open and inp.call_id in t.calls - t.outputs
+                               for t in self.turns))
         actions = self.s.handle(inp)
         after = self.s.state
         self.n += 1
@@ -102,6 +110,10 @@ class SessionMachine(RuleBasedStateMachine):
             assert not leds or mute_toggle, (inp, leds)
         for a in actions:
             self.check_action(a, inp, was_active, after)
+        # 3. a tool's result goes out on the connection its call came on, barge-in or not.
+        if owed_output:
+            assert any(isinstance(a, s.Send) and a.event.get("item", {}).get("call_id")
+                       == inp.call_id for a in actions), ("output not sent", inp)
         # 1. never ends while audio is still owed (a deadline flushes it first).
         if after in ENDED and before not in ENDED:
             assert not self.unheard, (inp, self.unheard)
@@ -159,11 +171,19 @@ class SessionMachine(RuleBasedStateMachine):
                 rid = call.call_id.rsplit("_c", 1)[0]
                 turn = next((t for t in self.turns if t.rid == rid and t.open), None)
                 if turn is None:
-                    turn = Turn(rid, set())
+                    turn = Turn(rid, set(), barged=rid in self.barged)
                     self.turns.append(turn)
                 turn.calls.add(call.call_id)
             case s.StreamMic(on=True):
                 assert after not in ENDED
+
+    def user_moved_on(self) -> None:
+        """The user barged in on the answer: the rounds open now, and the round of the
+        response still active, get no response.create (one already sent stays sent)."""
+        for t in self.turns:
+            t.barged = True
+        if self.server_active:
+            self.barged.add(self.server_active)
 
     def close_rounds(self) -> None:
         """The connection is gone: rounds still open can never get their create."""
@@ -171,11 +191,14 @@ class SessionMachine(RuleBasedStateMachine):
             t.open = False
 
     def attribute_create(self, e: dict) -> None:
-        """3. one response.create per tool round, only after all of its outputs."""
+        """3. one response.create per tool round, only after all of its outputs; none for
+        a round the user barged in on."""
         due = [t for t in self.turns if t.open and t.creates == 0]
         assert due, "a response.create that no tool round asked for"
-        turn = next((t for t in due if t.outputs == t.calls), None)
-        assert turn is not None, ("response.create before every output", [t.rid for t in due])
+        turn = next((t for t in due if t.outputs == t.calls and not t.barged), None)
+        assert turn is not None, ("response.create before every output, or for a round "
+                                  "the user barged in on",
+                                  [(t.rid, "barged" if t.barged else "") for t in due])
         turn.creates += 1
         self.creates[e["event_id"]] = turn
 
@@ -228,6 +251,15 @@ class SessionMachine(RuleBasedStateMachine):
         calls = tuple(p.FunctionCall(f"{rid}_c{i}", "tool", "{}") for i in range(ncalls))
         self.server_active = None
         self.feed(p.ResponseDone(rid, status, calls))
+
+    @precondition(lambda self: self.s.state in (State.RESPONDING, State.AUDIO_PLAYING))
+    @rule(button=st.booleans(), frame=st.integers(-1, 500))
+    def barge_in(self, button: bool, frame: int) -> None:
+        """The user speaks over the answer: the talk button or the wake word."""
+        if button:
+            self.button("talk")
+        else:
+            self.wake_word(frame)
 
     @precondition(lambda self: bool(self.finished))
     @rule(data=st.data())
@@ -359,10 +391,10 @@ class SessionMachine(RuleBasedStateMachine):
                 break
         assert self.s.state in (State.IDLE, State.LISTENING), self.s.state
         # 3. never zero: every round whose outputs all went out, on a connection that
-        # stayed up, got its response.create.
+        # stayed up, got its response.create, unless the user barged in on it.
         if self.connected and self.s.conv is not None:
             for t in self.turns:
-                if t.open and t.outputs == t.calls:
+                if t.open and t.outputs == t.calls and not t.barged:
                     assert t.creates == 1, t.rid
 
 
