@@ -1,14 +1,13 @@
-"""CPU of listening for the wake word, side by side, on the same real-time-paced audio.
+"""CPU of the wake-word detector alone, side by side, on the same real-time-paced audio.
 
     .venv/bin/python bench/wakeword.py [SECONDS [REPEATS]]
 
 (a) bare pyopen-wakeword as shipped (its interpreters use TFLite's default thread pool)
 (b) speakerd's Detector (one thread per interpreter, XNNPACK)
-(c) speakerd's whole idle path: the capture thread reading the paced PulseAudio `mic`
-    device, resampling, handing frames to an asyncio loop, and detecting
-each with one model and with all five, each in a fresh process. Prints CPU seconds
-per minute of audio and the ratio to (a) with the same models, start-up time
-(including the feature extractor's warm-up) and RSS after loading.
+each with one model and with all five, each in a fresh process fed from memory at
+real-time pace. Prints CPU seconds per minute of audio and the ratio to (a) with the
+same models, start-up time (including the feature extractor's warm-up) and RSS after
+loading. The whole `speakerd run` process at idle is bench/idle.py.
 """
 
 from __future__ import annotations
@@ -40,16 +39,18 @@ def rss_mb() -> float:
     return 0.0
 
 
-def audio(seconds: int) -> bytes:
-    """Speech, noise and a wake word every 15 s: what a kitchen sounds like."""
+PHRASES = ("what is the weather today", "hey jarvis", "turn on the kitchen lights",
+           "set a timer for ten minutes")
+
+
+def audio(seconds: int, phrases: tuple[str, ...] = PHRASES) -> bytes:
+    """Speech, noise and (by default) a wake word every 15 s: what a kitchen sounds like."""
     import numpy as np
 
     from tests.speech import speak, to_pcm
     rng = np.random.default_rng(5)
     x = 0.003 * rng.standard_normal(16000 * seconds).astype(np.float32)
     t = 0
-    phrases = ["what is the weather today", "hey jarvis", "turn on the kitchen lights",
-               "set a timer for ten minutes"]
     n = 0
     while True:
         s = speak(phrases[n % len(phrases)])
@@ -93,46 +94,9 @@ def variant(name: str, models: list[str], seconds: int) -> dict[str, float]:
         handle = det.process  # type: ignore[assignment]
     startup = time.monotonic() - t0
     rss = rss_mb()
-    if name == "c":
-        return {"startup": startup, "rss": rss, **idle_path(det, pcm, seconds)}
     before = cpu()
     paced(chunks, handle)
     return {"startup": startup, "rss": rss, "cpu": cpu() - before, "seconds": seconds}
-
-
-def idle_path(det, pcm: bytes, seconds: int) -> dict[str, float]:
-    import asyncio
-
-    import numpy as np
-
-    from speakerd.audio.capture import Capture
-    from tests import audio_devices
-    from tests.speech import write_wav
-
-    pulse = audio_devices.Pulse()
-    pulse.start()
-    wav = write_wav(audio_devices.DIR / "bench.wav",
-                    np.frombuffer(pcm, "<i2").astype(np.float32) / 32768)
-    hits = []
-
-    async def run() -> float:
-        loop = asyncio.get_running_loop()
-        c = Capture("mic", loop=loop, on_frame=lambda f: None, in_thread=det.process,
-                    on_result=hits.append)
-        c.start()
-        before = cpu()
-        player = pulse.play_into_mic(wav)
-        while player.poll() is None:
-            await asyncio.sleep(0.5)
-        used = cpu() - before
-        c.stop()
-        return used
-
-    try:
-        used = asyncio.run(run())
-    finally:
-        pulse.stop()
-    return {"cpu": used, "seconds": seconds, "detections": len(hits)}
 
 
 def main(seconds: int, repeats: int = 3) -> None:
@@ -141,7 +105,7 @@ def main(seconds: int, repeats: int = 3) -> None:
     runs: dict[tuple[str, int], list[dict[str, float]]] = {}
     for _ in range(repeats):
         for models in (["hey_jarvis"], ALL):
-            for name in ("a", "b", "c"):
+            for name in ("a", "b"):
                 out = subprocess.run([sys.executable, __file__, "--variant", name,
                                       ",".join(models), str(seconds)], capture_output=True,
                                      text=True, env={**os.environ, "PYTHONPATH": str(HERE)})
@@ -152,19 +116,17 @@ def main(seconds: int, repeats: int = 3) -> None:
                 runs.setdefault((name, len(models)), []).append(result)
     rows = {key: {k: statistics.median(r[k] for r in results) for k in results[0]}
             for key, results in runs.items()}
-    labels = {"a": "(a) pyopen-wakeword as shipped", "b": "(b) speakerd Detector",
-              "c": "(c) speakerd idle path (capture)"}
+    labels = {"a": "(a) pyopen-wakeword as shipped", "b": "(b) speakerd Detector"}
     print(f"{seconds} s of paced audio per run, median of {repeats} interleaved runs; "
           f"CPU seconds per minute of audio; {os.cpu_count()} CPUs")
     for n in (1, 5):
         base = rows[("a", n)]["cpu"] / rows[("a", n)]["seconds"] * 60
-        for name in ("a", "b", "c"):
+        for name in ("a", "b"):
             r = rows[(name, n)]
             per_min = r["cpu"] / r["seconds"] * 60
-            extra = f"  detections {int(r['detections'])}" if "detections" in r else ""
             print(f"{labels[name]:34s} {n} model(s): {per_min:6.2f} s/min  "
                   f"ratio {per_min / base:5.2f}  start-up {r['startup']:.2f} s  "
-                  f"RSS {r['rss']:.0f} MB{extra}")
+                  f"RSS {r['rss']:.0f} MB")
 
 
 if __name__ == "__main__":
