@@ -33,14 +33,12 @@ async def per_thread(pid: int, seconds: float = WINDOW) -> list[tuple[int, str, 
 
 
 def check_idle(threads: list[tuple[int, str, float]], when: str) -> None:
-    # Python before 3.14 does not give its threads' names to the OS: every Python
-    # thread then shows the process's comm, and the capture thread cannot be told
-    # apart. Then the busiest thread gets the capture thread's bound, and every other
-    # thread still gets OTHER_MAX: a spin anywhere fails either way.
+    # speakerd names its threads for the OS (speakerd/threads.py): the one that runs
+    # the wake word is "capture", and every other thread must be asleep.
     named = [t for t in threads if t[1] == "capture"]
-    exempt = named[0] if named else threads[0]
-    label = ("capture: wake word" if named else
-             "busiest: given the capture thread's bound (no thread is named capture)")
+    assert len(named) == 1, threads
+    exempt = named[0]
+    label = "capture: wake word"
     table = "\n".join(f"  {tid:7d} {comm:16s} {pct:5.1f} %"
                       + (f"   <- {label}" if tid == exempt[0] else "")
                       for tid, comm, pct in threads)

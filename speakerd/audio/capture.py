@@ -20,6 +20,7 @@ from speakerd.audio.device import (
     negotiate,
 )
 from speakerd.audio.resample import DeviceFormat
+from speakerd.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Capture:
     # --- the capture thread ------------------------------------------------------------
 
     def _run(self) -> None:
+        name_os_thread()
         try:
             self._listen()
         except BaseException as e:

@@ -23,6 +23,7 @@ from speakerd.audio.device import (
     negotiate,
 )
 from speakerd.audio.resample import DeviceFormat
+from speakerd.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ class Playback:
     # --- the playback thread --------------------------------------------------------
 
     def _run(self, missing: bool) -> None:
+        name_os_thread()
         try:
             self._play(missing)
         except BaseException as e:

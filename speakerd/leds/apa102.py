@@ -13,6 +13,7 @@ from gpiozero.exc import GPIOZeroError
 
 from speakerd.config import LedsConfig
 from speakerd.leds.patterns import Pattern, Pixel, next_change, render
+from speakerd.threads import name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Ring:
             self._cond.notify()
 
     def _animate(self) -> None:
+        name_os_thread()
         last: tuple[Pixel, ...] | None = None
         while True:
             with self._cond:
