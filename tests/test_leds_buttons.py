@@ -425,12 +425,11 @@ class TestButtons:
         b.close()
 
 
-def test_unavailable_gpio_with_pins_configured_runs_on(tmp_path, pulse):
-    """Pins configured on a machine without GPIO: one line each, then the daemon runs."""
+def run_until_ready(tmp_path, config_text: str) -> str:
+    """`speakerd run` on the paced devices until READY=1, then SIGTERM; its log."""
     from .notify_socket import NotifySocket
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[audio]\ncapture_device = "mic"\nplayback_device = "spk"\n'
-                   "[leds]\npins = { status = 4 }\n[buttons]\nmute = 5\n")
+    cfg.write_text('[audio]\ncapture_device = "mic"\nplayback_device = "spk"\n' + config_text)
     sock = NotifySocket(tmp_path / "n.sock")
     log = tmp_path / "log"
     with log.open("w") as err:
@@ -444,31 +443,20 @@ def test_unavailable_gpio_with_pins_configured_runs_on(tmp_path, pulse):
         proc.kill()
         sock.close()
     text = log.read_text()
+    assert "Warning" not in text and "warn" not in text
+    return text
+
+
+def test_unavailable_gpio_with_pins_configured_runs_on(tmp_path, pulse):
+    """Pins configured on a machine without GPIO: one line each, then the daemon runs."""
+    text = run_until_ready(tmp_path, "[leds]\npins = { status = 4 }\n[buttons]\nmute = 5\n")
     assert text.count("no GPIO access here") == 2
     assert "LEDs on GPIO status 4 are off" in text and "buttons on GPIO mute 5 are off" in text
-    assert "Warning" not in text and "warn" not in text
 
 
 def test_preset_board_without_gpio_runs_on(tmp_path, pulse):
     """A ReSpeaker preset on a machine without GPIO or SPI: one line each, then READY."""
-    from .notify_socket import NotifySocket
-    cfg = tmp_path / "c.toml"
-    cfg.write_text('[hardware]\npreset = "respeaker-2mic"\n'
-                   '[audio]\ncapture_device = "mic"\nplayback_device = "spk"\n')
-    sock = NotifySocket(tmp_path / "n.sock")
-    log = tmp_path / "log"
-    with log.open("w") as err:
-        proc = subprocess.Popen([*SPEAKERD, "run", "--config", str(cfg)], cwd=ROOT,
-                                stderr=err, env=clean_env(NOTIFY_SOCKET=sock.path))
-    try:
-        sock.wait_for("READY", "1")
-        proc.terminate()
-        assert proc.wait(10) == 0
-    finally:
-        proc.kill()
-        sock.close()
-    text = log.read_text()
+    text = run_until_ready(tmp_path, '[hardware]\npreset = "respeaker-2mic"\n')
     assert text.count("no GPIO access here") == 2
     assert "LED ring (3 APA102 pixels on SPI 0.1) is off" in text
     assert "buttons on GPIO talk 17 are off" in text
-    assert "Warning" not in text and "warn" not in text
