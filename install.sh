@@ -127,6 +127,9 @@ install_venv() {
     "$venv/bin/pip" install "${pip_args[@]}" --upgrade "$src"
     # The unit's Documentation= points here.
     install -m 0644 -o root -g root "$src/README.md" "$prefix/README.md"
+    # `speakerd config --check` as the README says it, from any shell and through sudo.
+    install -d -m 0755 "$root/usr/local/bin"
+    ln -sfn /opt/speakerd/venv/bin/speakerd "$root/usr/local/bin/speakerd"
 }
 
 install_config() {
@@ -168,15 +171,56 @@ install_unit() {
     install -m 0644 -o root -g root "$src/systemd/speakerd.service" "$unit_dir/speakerd.service"
 }
 
+# What the service is doing once started, and what to fix when it is waiting.
+report_status() {
+    local status="" _
+    # READY comes first; the status line follows as soon as the devices are tried.
+    for _ in $(seq 20); do
+        status=$(systemctl show -p StatusText --value speakerd.service)
+        case $status in idle*|waiting*|listening*|muted*) break ;; esac
+        sleep 0.5
+    done
+    case $status in
+        "waiting for microphone"*|"waiting for speaker"*|"waiting for audio"*)
+            say "speakerd is running, $status: it opens the device as soon as it appears."
+            say "  No sound card yet? Plug it in (or enable the HAT's overlay and reboot)."
+            say "  Another name? 'arecord -L' and 'aplay -L' list them; set" \
+                "capture_device / playback_device in /etc/speakerd/speakerd.toml, then:" \
+                "sudo systemctl restart speakerd"
+            ;;
+        *)
+            say "speakerd is running (${status:-no status yet}); follow it with:" \
+                "journalctl -u speakerd -f"
+            ;;
+    esac
+}
+
+# The unit did not start: say why in speakerd's words, not only systemd's.
+report_failure() {
+    local code
+    code=$(systemctl show -p ExecMainStatus --value speakerd.service)
+    echo "install.sh: speakerd did not start (exit status ${code:-?}); its last lines:" >&2
+    journalctl -u speakerd.service -n 8 --no-pager -o cat >&2 || true
+    case $code in
+        78) echo "install.sh: fix the config line above (check it with:" \
+                 "sudo speakerd config --check), then: sudo systemctl restart speakerd" >&2 ;;
+        *) echo "install.sh: more in: journalctl -u speakerd -b" >&2 ;;
+    esac
+}
+
 start_service() {
     if [ -n "$root" ] || [ "$start" -eq 0 ]; then
         return 0
     fi
     systemctl daemon-reload
-    systemctl enable speakerd.service
-    # restart, not start: a re-install must run the new code.
-    systemctl restart speakerd.service
-    say "speakerd is running; follow it with: journalctl -u speakerd -f"
+    systemctl enable --quiet speakerd.service
+    # restart, not start: a re-install must run the new code. systemd's own
+    # "Job for speakerd.service failed" line says nothing useful; report_failure does.
+    if ! systemctl restart speakerd.service 2>/dev/null; then
+        report_failure
+        exit 1
+    fi
+    report_status
 }
 
 uninstall() {
@@ -185,6 +229,9 @@ uninstall() {
     fi
     rm -f "$unit_dir/speakerd.service"
     rm -rf "$prefix"
+    if [ "$(readlink "$root/usr/local/bin/speakerd" 2>/dev/null)" = /opt/speakerd/venv/bin/speakerd ]; then
+        rm -f "$root/usr/local/bin/speakerd"
+    fi
     if [ "$purge" -eq 1 ]; then
         rm -rf "$etc"
         if has_users && [ -n "$(awk -F: '$1 == "speakerd"' "$root/etc/passwd")" ]; then

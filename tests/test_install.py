@@ -98,10 +98,20 @@ class TestInstall:
     def test_venv_runs_the_installed_command(self, installed):
         root, _, _ = installed
         exe = root / "opt/speakerd/venv/bin/speakerd"
-        r = subprocess.run([str(exe), "version"], capture_output=True, text=True, timeout=30)
+        # --no-deps promised the dependencies from the environment: the test venv's.
+        import sysconfig
+        r = subprocess.run([str(exe), "version"], capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]})
         assert r.stdout == "speakerd 0.1.0\n"
         cfg = (root / "opt/speakerd/venv/pyvenv.cfg").read_text()
         assert "include-system-site-packages = true" in cfg
+
+    def test_speakerd_is_on_the_path(self, installed):
+        # The README's `speakerd config --check` must work in a login shell and
+        # through sudo (secure_path has /usr/local/bin), not only by full path.
+        root, _, _ = installed
+        link = root / "usr/local/bin/speakerd"
+        assert os.readlink(link) == "/opt/speakerd/venv/bin/speakerd"
 
     def test_installed_config_passes_check(self, installed):
         root, _, _ = installed
@@ -125,6 +135,7 @@ class TestInstall:
         assert r.returncode == 0, r.stderr
         assert not (copy / "opt/speakerd").exists()
         assert not (copy / "etc/systemd/system/speakerd.service").exists()
+        assert not (copy / "usr/local/bin/speakerd").is_symlink()
         assert (copy / "etc/speakerd/speakerd.toml").exists()
         r = subprocess.run(["bash", str(ROOT / "install.sh"), "--root", str(copy),
                             "--uninstall", "--purge"], capture_output=True, text=True,
@@ -154,5 +165,6 @@ def test_unknown_option_is_refused():
 def test_shellcheck_clean():
     need(shutil.which("shellcheck") is not None, "shellcheck")
     r = subprocess.run(["shellcheck", "install.sh", "tests/helpers/journald-sandbox",
-                        ".ci/run", "run-tests"], cwd=ROOT, capture_output=True, text=True)
+                        ".ci/run", "run-tests", "tests/target/run"], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
