@@ -517,6 +517,11 @@ def describe(st: dict[str, Any]) -> str:
                              f"{st.get('realtime_connects', 0)} connects, "
                              f"{st.get('realtime_failures', 0)} failures"
                              + (f" (last: {failure})" if failure else "")))
+    for server in st.get("mcp", []):
+        tools = ", ".join(server["tools"]) or "no tools"
+        rows.append((f"mcp {server['name']}",
+                     f"{server['where']}: connected, {tools}" if server["connected"] else
+                     f"{server['where']}: not connected ({server['error'] or 'trying'})"))
     err = st.get("last_error")
     rows.append(("last error", f"{when(err['at'])} {err['message']}" if err else "none"))
     head = (f"speakerd {st.get('version', '?')} (pid {st.get('pid', '?')}), "

@@ -470,6 +470,12 @@ class TestConversation:
                     "name": "home", "where": f"streamable http {ha.url}", "connected": True,
                     "tools": ["HassTurnOn", "HassTurnOff", "GetLiveContext"], "skipped": [],
                     "error": ""}]
+                proc = await asyncio.create_subprocess_exec(
+                    *SPEAKERD, "status", "--control", str(control), cwd=ROOT,
+                    env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                out, err = await asyncio.wait_for(proc.communicate(), 30)
+                assert (f"mcp home:      streamable http {ha.url}: connected, HassTurnOn, "
+                        "HassTurnOff, GetLiveContext\n") in out.decode(), out.decode()
                 spk.config.write_text(base)
                 spk.proc.send_signal(signal.SIGHUP)
                 await spk.wait_log("config reloaded", count=2)
