@@ -85,6 +85,11 @@ install_packages() {
     # gpiozero drives pins through lgpio. PyPI has lgpio wheels only for some
     # Pythons (none for 3.13, trixie's), so use the distro's package through
     # the venv's --system-site-packages on every release.
+    # APA102 LED rings: gpiozero uses the kernel's SPI driver through spidev, else
+    # it falls back to bit-banging the pins, which costs as much CPU as the wake word.
+    if apt-cache show python3-spidev >/dev/null 2>&1; then
+        apt_install python3-spidev
+    fi
     if apt-cache show python3-lgpio >/dev/null 2>&1; then
         apt_install python3-lgpio
     else
@@ -101,14 +106,16 @@ create_user() {
     # SupplementaryGroups= fails on a group that does not exist.
     # shellcheck disable=SC2046
     [ -n "$(group_id gpio)" ] || groupadd $(root_args) --system gpio
+    # shellcheck disable=SC2046
+    [ -n "$(group_id spi)" ] || groupadd $(root_args) --system spi
     if [ -z "$(awk -F: '$1 == "speakerd"' "$root/etc/passwd")" ]; then
-        say "creating system user speakerd (groups audio, gpio)"
+        say "creating system user speakerd (groups audio, gpio, spi)"
         # shellcheck disable=SC2046
         useradd $(root_args) --system --no-create-home --home-dir /nonexistent \
-            --shell /usr/sbin/nologin --user-group --groups audio,gpio speakerd
+            --shell /usr/sbin/nologin --user-group --groups audio,gpio,spi speakerd
     else
         # shellcheck disable=SC2046
-        usermod $(root_args) --append --groups audio,gpio speakerd
+        usermod $(root_args) --append --groups audio,gpio,spi speakerd
     fi
 }
 

@@ -61,13 +61,15 @@ def test_security_exposure_at_most_1_5():
 def test_unit_says_what_the_contract_needs():
     text = UNIT.read_text()
     for line in ["Type=notify", "NotifyAccess=main", "User=speakerd",
-                 "SupplementaryGroups=audio gpio", "WatchdogSec=30", "Restart=on-failure",
+                 "SupplementaryGroups=audio gpio spi", "WatchdogSec=30", "Restart=on-failure",
                  "RestartPreventExitStatus=78",
                  "LoadCredential=openai-key:/etc/speakerd/openai.key",
                  "ExecStart=/opt/speakerd/venv/bin/speakerd run --config "
                  "/etc/speakerd/speakerd.toml",
                  "DevicePolicy=closed", "DeviceAllow=char-alsa rw",
-                 "DeviceAllow=char-gpiochip rw", "CapabilityBoundingSet="]:
+                 "DeviceAllow=char-gpiochip rw", "DeviceAllow=char-spi rw",
+                 "RuntimeDirectory=speakerd", "RuntimeDirectoryMode=0750",
+                 "CapabilityBoundingSet="]:
         assert f"\n{line}\n" in text, line
 
 

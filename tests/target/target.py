@@ -813,7 +813,8 @@ class Run:
             # restart, as with any ALSA program. The card itself is not there yet.
             m.run("sudo cp /usr/local/lib/speakerd-target/asound.conf /etc/asound.conf && "
                   "sudo systemctl restart speakerd", user="pi")
-            time.sleep(3)
+            m.wait("the restarted service says what it waits for", lambda: m.show(
+                "StatusText")["StatusText"].startswith("waiting for"), 60)
             s = m.show("ActiveState", "StatusText", "MainPID")
             note.append(f"{s['ActiveState']}: {s['StatusText']}")
             check(s["ActiveState"] == "active" and s["StatusText"].startswith("waiting for"),
@@ -847,6 +848,15 @@ class Run:
             status = re.search(r"^\s*Status: \"(.*)\"", st, re.M)
             check(status and status.group(1).startswith("idle"), f"status: {st[:400]}")
             note.append(status.group(1) if status else "")
+        with self.step("sudo speakerd status: the control socket") as note:
+            r = m.run("sudo speakerd status --json", user="pi", check=False)
+            check(r.returncode == 0, f"exit {r.returncode}: {r.stdout}{r.stderr}")
+            reply = json.loads(r.stdout)
+            check(reply.get("ok") is True and reply.get("state") == "idle",
+                  f"status reply: {r.stdout[:300]}")
+            mode = m.run("stat -c '%a %G' /run/speakerd/control", check=False).stdout.strip()
+            check(mode == "660 speakerd", f"/run/speakerd/control is {mode!r}")
+            note.append(f"state {reply['state']}, socket {mode}")
         self.conversation(m, model)
         with self.step("systemd-analyze security speakerd") as note:
             r = m.run("systemd-analyze security speakerd --no-pager", check=False, timeout=120)
