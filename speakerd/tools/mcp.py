@@ -60,6 +60,7 @@ class ServerState:
     tools: list[str] = field(default_factory=list)  # names as the model sees them
     skipped: list[str] = field(default_factory=list)  # tools whose schema cannot be offered
     error: str = ""  # why it is not connected
+    failures: int = 0  # failed connections (or lost ones) since start-up
 
 
 def describe(server: configmod.McpServerConfig) -> str:
@@ -326,6 +327,7 @@ class Manager:
                     delay = self.backoff[0]
                 state.connected = False
                 state.error = why
+                state.failures += 1
                 self.connections.pop(server.name, None)
                 self.registry.set_group(f"mcp:{server.name}", [])
                 if was_connected or not lost:
