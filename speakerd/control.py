@@ -458,8 +458,11 @@ def ask(path: str, request: dict[str, Any], timeout: float = 5.0) -> dict[str, A
         except OSError as e:
             raise Unreachable(f"cannot connect to {path}: {e.strerror or e}") from None
         try:
-            sock.sendall(json.dumps(request).encode() + b"\n")
-            sock.shutdown(socket.SHUT_WR)  # one request: the daemon closes after its reply
+            try:
+                sock.sendall(json.dumps(request).encode() + b"\n")
+                sock.shutdown(socket.SHUT_WR)  # one request: the daemon closes after its reply
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # refused before we spoke: its reason is waiting to be read below
             data = b""
             while not data.endswith(b"\n"):
                 chunk = sock.recv(65536)

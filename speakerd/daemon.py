@@ -56,6 +56,9 @@ def session_settings(c: configmod.Config) -> s.Settings:
                       wake_cue=c.cues.wake, end_cue=c.cues.end)
 
 
+WAKE_WORD_IGNORED = (s.State.CONNECTING, s.State.LISTENING)
+
+
 class _PlaybackGain:
     """The software gain of the playback path, as the volume control's fallback."""
 
@@ -297,8 +300,17 @@ class Daemon:
                     log.exception("could not carry out %s", type(action).__name__)
             if self.session.state in (s.State.IDLE, s.State.ERROR):
                 self._idle.set()
+            self._pace_detector()
             self.stats.step(before, conv, inp, self.session.state)
             self._inputs.task_done()  # settled() waits for this
+
+    def _pace_detector(self) -> None:
+        # While connecting and while the person speaks the session ignores the wake
+        # word: not running the models then keeps a slow Pi's capture thread up
+        # with the speech that matters. It runs again from THINKING, so it has
+        # refilled its windows by the time the answer plays and can barge in.
+        if self.detector:
+            self.detector.needed = self.session.state not in WAKE_WORD_IGNORED
 
     def _start_over(self) -> None:
         muted = self.session.muted
@@ -312,6 +324,7 @@ class Daemon:
         if self.capture:
             self.capture.stream(False)
         self._mic_resampler = None
+        self._pace_detector()
         self._show_leds()
         self.notifier.status(self._status_text(s.STATUS[s.State.IDLE]))
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,17 @@ class Features:
                 self.mels = self.mels[EMB_STEP:]
         return out
 
+    def restart(self) -> None:
+        """Forget the audio, keeping the window alignment: what was buffered becomes silence."""
+        self.audio = np.zeros_like(self.audio)
+        self.mels = np.full_like(self.mels, self._silent_mel) if self.mels.size else self.mels
+
+    @functools.cached_property
+    def _silent_mel(self) -> float:
+        # What the mel stage says for digital silence; mid-window zeros are harmless too,
+        # since restart() is always followed by enough real audio to push them out.
+        return float(self.mel.run(np.zeros(MEL_SAMPLES, np.float32)).flat[0]) / 10 + 2
+
     def close(self) -> None:
         self.mel.close()
         self.emb.close()
@@ -119,6 +132,15 @@ class Detector:
     every 80 ms frame from one thread. `reset()` may be called from any thread: the
     model state is cleared before the next frame (the features are kept, so there
     is no 8 s warm-up again).
+
+    `enabled` (False while muted) and `needed` (False while the conversation would
+    ignore a wake word: connecting, the user speaking) may be set from any thread.
+    While either is False no model runs at all: on a Pi Zero or under emulation the
+    models take most of a core, and the capture thread must keep up with the
+    person's speech. The last frames are kept, so when the detector is wanted again
+    it rebuilds its windows from recent audio only (never from audio before the
+    pause, which could hold the wake word that started the conversation) and scores
+    from then on as if it had never stopped.
     """
 
     def __init__(self, models: Sequence[tuple[str, Path, float]], *,
@@ -134,6 +156,14 @@ class Detector:
         self._above = dict.fromkeys((c.name for c in self.classifiers), 0)
         self._reset = threading.Event()
         self.enabled = True
+        self.needed = True
+        # Frames to refill every window: the embedding's mel window (76 rows, 8 per
+        # frame), the longest classifier's embeddings, and the audio overlap.
+        refill = -(-EMB_WINDOW // (CHUNK // 160)) + max(
+            (c.windows for c in self.classifiers), default=1) + 2
+        self._skipped: deque[bytes] = deque(maxlen=refill)
+        self._gap = 0  # frames skipped since the models last ran
+        self.scores: dict[str, float] = {}  # each model's latest score
 
     @classmethod
     def from_config(cls, config: WakeWordConfig, path: str = "<config>",
@@ -162,20 +192,23 @@ class Detector:
     def process(self, frame: bytes) -> Detection | None:
         """One 80 ms frame of 16 kHz s16le mono -> a detection or None."""
         self.frame += 1
+        if not (self.enabled and self.needed):
+            self._skipped.append(frame)
+            self._gap += 1
+            return None
+        if self._gap:
+            self._catch_up()
         if self._reset.is_set():
             self._reset.clear()
             for c in self.classifiers:
                 c.reset()
             self._above = dict.fromkeys(self._above, 0)
-        samples = np.frombuffer(frame, "<i2").astype(np.float32)
         best: Detection | None = None
-        for emb in self.features.process(samples):
-            for c in self.classifiers:
-                for p in c.process(emb):
-                    hit = self._judge(c, p)
-                    if hit and (best is None or hit.score > best.score):
-                        best = hit
-        if best is None or not self.enabled:
+        for c, p in self._scores(frame):
+            hit = self._judge(c, p)
+            if hit and (best is None or hit.score > best.score):
+                best = hit
+        if best is None:
             return None
         self._last_detection = self.frame
         for c in self.classifiers:
@@ -183,6 +216,32 @@ class Detector:
         log.info("wake word %s heard (score %.3f) at %.2f s", best.model, best.score,
                  best.seconds, extra=logmod.fields(event="wake"))
         return best
+
+    def _scores(self, frame: bytes) -> list[tuple[Classifier, float]]:
+        samples = np.frombuffer(frame, "<i2").astype(np.float32)
+        out = [(c, p) for emb in self.features.process(samples)
+               for c in self.classifiers for p in c.process(emb)]
+        for c, p in out:
+            self.scores[c.name] = p
+        return out
+
+    def _catch_up(self) -> None:
+        """Refill the windows from the frames kept while the models were not run."""
+        if self._gap > len(self._skipped):
+            # What is buffered is from before the pause: it may hold the wake word
+            # that started this conversation. (A shorter pause is all kept: the frames
+            # below continue the windows exactly.)
+            self.features.restart()
+            for c in self.classifiers:
+                c.reset()
+        self._above = dict.fromkeys(self._above, 0)
+        self._reset.clear()
+        log.debug("wake word resumed after %.1f s; refilling from the last %.1f s",
+                  self._gap * CHUNK / RATE, len(self._skipped) * CHUNK / RATE)
+        for f in self._skipped:
+            self._scores(f)  # what was said while not listening is not judged
+        self._skipped.clear()
+        self._gap = 0
 
     def _judge(self, c: Classifier, p: float) -> Detection | None:
         if p < c.threshold:

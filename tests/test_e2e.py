@@ -132,6 +132,8 @@ async def test_two_turns_the_second_without_a_wake_word(tmp_path, prerequisites)
     assert tone_blocks(spk.heard()) >= 22  # 1.5 s + 1 s of answers reached the speaker
     assert KEY not in spk.log  # not even at debug
     assert spk.log.count("after the end of speech") >= 2  # the per-turn trace
+    # The models rested while the person spoke and ran again from thinking on.
+    assert spk.log.count("wake word resumed after") == turns + 1  # + the follow-up window
     assert "turn: response " in spk.log
 
 

@@ -174,6 +174,71 @@ class TestDetection:
             detector.enabled = True
 
 
+class TestPause:
+    """Not running the models while the session ignores the wake word."""
+
+    @staticmethod
+    def clip() -> list[bytes]:
+        need(have_espeak(), "espeak-ng")
+        return frames(np.concatenate([
+            silence(LEAD), speak("hey jarvis", "en-gb"), silence(0.3),
+            speak("turn on the kitchen lights"), silence(4),
+            speak("hey jarvis", "en-us"), silence(2)]))
+
+    @staticmethod
+    def scores(d: Detector, chunks: list[bytes], paused: range
+               ) -> tuple[list[dict[str, float]], list[int]]:
+        out, hits = [], []
+        for i, f in enumerate(chunks):
+            d.needed = i not in paused
+            before = d.features.audio
+            if d.process(f):
+                hits.append(i)
+            if i in paused:
+                assert d.features.audio is before  # no model ran
+            out.append(dict(d.scores))
+        return out, hits
+
+    @pytest.mark.parametrize("pause_s", [0.8, 5.0], ids=["short", "long"])
+    def test_scores_after_a_pause_are_those_of_a_detector_that_never_paused(self, pause_s):
+        chunks = self.clip()
+        ref = Detector([("hey_jarvis", model_path("hey_jarvis"), 0.5)], refractory_seconds=0)
+        d = Detector([("hey_jarvis", model_path("hey_jarvis"), 0.5)], refractory_seconds=0)
+        for x in (ref, d):
+            x.warm_up()
+        want, hits = self.scores(ref, chunks, range(0))
+        assert len(hits) == 2
+        # As in a conversation: the models rest from just after the wake word.
+        paused = range(hits[0] + 1, hits[0] + 1 + round(pause_s / 0.08))
+        got, got_hits = self.scores(d, chunks, paused)
+        assert got_hits == hits
+        after = [i for i in range(paused.stop, len(chunks)) if want[i]]
+        assert len(after) > 40
+        diff = max(abs(got[i]["hey_jarvis"] - want[i]["hey_jarvis"]) for i in after)
+        assert diff < 1e-5, diff
+        # The second wake word, after the pause, is there with the same score.
+        assert max(got[i]["hey_jarvis"] for i in after) > 0.5
+        ref.close()
+        d.close()
+
+    def test_resuming_does_not_hear_the_wake_word_from_before_the_pause(self):
+        # A conversation starts on the wake word; when the models run again, what
+        # they remember must not be that wake word.
+        need(have_espeak(), "espeak-ng")
+        d = Detector([("hey_jarvis", model_path("hey_jarvis"), 0.5)], refractory_seconds=0)
+        d.warm_up()
+        chunks = frames(np.concatenate([silence(LEAD), speak("hey jarvis", "en-gb"),
+                                        silence(6)]))
+        found: list[int] = []
+        for i, f in enumerate(chunks):
+            d.needed = not (found and found[0] < i <= found[0] + 40)  # 3.2 s of rest
+            if d.process(f):
+                found.append(i)
+        assert len(found) == 1
+        assert d.needed and max(d.scores.values()) < 0.1
+        d.close()
+
+
 class TestAgainstPackage:
     def test_scores_match_pyopen_wakeword_as_shipped(self):
         need(have_espeak(), "espeak-ng")
@@ -261,3 +326,15 @@ async def test_capture_thread_runs_detection_and_hands_it_to_the_loop(tmp_path):
         d.close()
     assert hit.model == "hey_jarvis"
     assert threads == {"capture"}  # inference never ran on the loop
+
+
+def test_the_models_rest_only_where_the_session_ignores_the_wake_word():
+    from speakerd import session as s
+    from speakerd.daemon import WAKE_WORD_IGNORED
+    for state in s.State:
+        ignored = s.WakeWordDetected in s.IGNORED.get(state, ())
+        if state in WAKE_WORD_IGNORED:
+            assert ignored, state  # resting there would lose a wake word it acts on
+    # ...and it does run where a wake word barges in or starts a conversation.
+    assert not {s.State.IDLE, s.State.RESPONDING, s.State.AUDIO_PLAYING} & set(
+        WAKE_WORD_IGNORED)
