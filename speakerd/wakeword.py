@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from speakerd import log as logmod
+from speakerd.audio.levels import Meter
 from speakerd.config import BUILTIN_WAKE_WORDS, WakeWordConfig
 from speakerd.errors import ConfigError
 from speakerd.tflite import MODELS_DIR, Interpreter, ModelError
@@ -134,6 +135,9 @@ class Detector:
         self._above = dict.fromkeys((c.name for c in self.classifiers), 0)
         self._reset = threading.Event()
         self.enabled = True
+        # A levels.Meter while someone asks for levels (check, the control socket):
+        # fed from process(), which lets go of it once it is done.
+        self.meter: Meter | None = None
 
     @classmethod
     def from_config(cls, config: WakeWordConfig, path: str = "<config>",
@@ -168,13 +172,21 @@ class Detector:
                 c.reset()
             self._above = dict.fromkeys(self._above, 0)
         samples = np.frombuffer(frame, "<i2").astype(np.float32)
+        meter = self.meter
+        scores: dict[str, list[float]] = {}
         best: Detection | None = None
         for emb in self.features.process(samples):
             for c in self.classifiers:
                 for p in c.process(emb):
+                    if meter is not None:
+                        scores.setdefault(c.name, []).append(p)
                     hit = self._judge(c, p)
                     if hit and (best is None or hit.score > best.score):
                         best = hit
+        if meter is not None:
+            meter.add(samples, scores)
+            if meter.done and self.meter is meter:
+                self.meter = None
         if best is None or not self.enabled:
             return None
         self._last_detection = self.frame
