@@ -21,6 +21,7 @@ import pytest
 from gpiozero.pins.mock import MockFactory, MockPin
 
 from speakerd import config as configmod
+from speakerd.audio.levels import Meter
 from speakerd.checks import gpio, settings
 from speakerd.checks.report import Report
 
@@ -201,6 +202,21 @@ async def test_the_wake_word_said_would_trigger(tmp_path, pulse, feed):
     has(lines, r"^ok    microphone level: RMS -\d+\.\d dBFS, peak -\d+\.\d dBFS, 0 clipped, "
         r"DC offset -?0\.0% over 3\.04 s")
     assert code == 0
+
+
+def test_the_highest_threshold_that_would_trigger_at_trigger_level_2():
+    """Two scores in a row must cross: the answer is the best pair's lower score."""
+    reports = []
+    meter = Meter(0.4, [("hey_jarvis", 0.5)], 2, reports.append)
+    frame = np.zeros(1280, np.float32)
+    for score in (0.9, 0.3, 0.7, 0.6, 0.2):
+        meter.add(frame, {"hey_jarvis": [score]})
+    (report,) = reports
+    assert report["wake_word"] == {"trigger_level": 2, "models": [{
+        "name": "hey_jarvis", "threshold": 0.5, "best": 0.9, "at_seconds": 0.08,
+        "highest_threshold": 0.6, "would_trigger": True}]}
+    meter.add(frame, {"hey_jarvis": [1.0]})  # done: later frames change nothing
+    assert len(reports) == 1 and meter.report()["wake_word"] == report["wake_word"]
 
 
 # --- the realtime service ----------------------------------------------------------------
