@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -338,6 +340,33 @@ async def test_without_systemd_the_service_is_skipped(tmp_path):
     has(lines, "skip  service: this machine does not run systemd")
     assert statuses(lines)[:4] == ["ok", "ok", "skip", "ok"]
     assert code == 0
+
+
+def test_the_service_as_systemd_reports_it(tmp_path):
+    """A real systemd (user) manager: no unit, a running one, a failed one."""
+    need(os.getuid() == 0 and shutil.which("unshare") is not None,
+         "root and unshare(1) for a private user manager")
+    need(os.path.exists("/lib/systemd/systemd"), "systemd")
+    helpers = ROOT / "tests" / "helpers"
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", str(helpers / "user-manager-sandbox"),
+         str(tmp_path), sys.executable, str(helpers / "service_check_scenario.py")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    lines = json.loads(done.stdout)
+    assert lines["missing"] == [
+        "warn  service: speakerd.service is not installed (not-found)",
+        "      fix: sudo ./install.sh installs, enables and starts it"]
+    assert lines["running"] == [
+        "ok    service: speakerd.service installed, enabled, active (running), restarted 0 "
+        "times, last exit status 0"]
+    failed = ("FAIL  service: speakerd.service installed, {}, failed, restarted 0 times, last "
+              "exit status 3, result exit-code")
+    fix = ("      fix: journalctl -u speakerd -n 20 says why; after fixing it: sudo systemctl "
+           "restart speakerd")
+    assert lines["failed"] == [failed.format("enabled"), fix]
+    assert lines["disabled_failed"] == [failed.format("disabled"), fix]
 
 
 # --- while speakerd runs ------------------------------------------------------------------

@@ -38,19 +38,18 @@ def check(report: Report, systemctl: Sequence[str] = ("systemctl",)) -> None:
         report.add(warn("service", f"{UNIT} is not installed ({p.get('LoadState', '?')})",
                         "sudo ./install.sh installs, enables and starts it"))
         return
-    state = f"{p.get('ActiveState')} ({p.get('SubState')})"
+    active, sub = p.get("ActiveState"), p.get("SubState")
+    state = active if sub == active else f"{active} ({sub})"
     # ExecMainCode 1 is CLD_EXITED: the status is an exit code; else a signal number.
     code = p.get("ExecMainStatus", "0")
     last = (f"last exit status {code}" if p.get("ExecMainCode") in ("1", "0", None)
             else f"last killed by signal {code}")
-    text = (f"{UNIT} {p.get('UnitFileState')}, {state}, restarted {p.get('NRestarts', '0')} "
-            f"times, {last}")
-    active = p.get("ActiveState")
+    text = (f"{UNIT} installed, {p.get('UnitFileState')}, {state}, restarted "
+            f"{p.get('NRestarts', '0')} times, {last}")
     if active == "failed":
         report.add(fail("service", f"{text}, result {p.get('Result')}",
                         f"{JOURNAL_FIX}; after fixing it: sudo systemctl restart speakerd"))
-    elif active in ("activating", "deactivating", "reloading") and p.get("SubState") == (
-            "auto-restart"):
+    elif sub == "auto-restart":
         report.add(warn("service", f"{text}: it keeps restarting", JOURNAL_FIX))
     elif active != "active":
         report.add(warn("service", text, "sudo systemctl start speakerd"))
