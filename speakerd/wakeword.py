@@ -135,8 +135,8 @@ class Detector:
         self._above = dict.fromkeys((c.name for c in self.classifiers), 0)
         self._reset = threading.Event()
         self.enabled = True
-        # A levels.Meter while someone asks for levels (check, the control socket):
-        # fed from process(), which lets go of it once it is done.
+        # A levels.Meter while someone asks for levels (check, the control socket),
+        # fed from process(); whoever attached it takes it off again.
         self.meter: Meter | None = None
 
     @classmethod
@@ -184,9 +184,7 @@ class Detector:
                     if hit and (best is None or hit.score > best.score):
                         best = hit
         if meter is not None:
-            meter.add(samples, scores)
-            if meter.done and self.meter is meter:
-                self.meter = None
+            meter.add(samples, scores)  # a meter that is done ignores it
         if best is None or not self.enabled:
             return None
         self._last_detection = self.frame
