@@ -84,8 +84,15 @@ async def test_a_config_error_is_the_one_fail_and_exit_1(tmp_path):
     path = tmp_path / "check.toml"
     assert lines == [
         f"FAIL  config: {path}: wake_word.treshold: unknown key (did you mean 'threshold'?)",
-        f"      fix: correct it in {path}; `speakerd config --check` says the same without "
-        "the other checks"]
+        f"      fix: correct wake_word.treshold in {path}; `speakerd config --check` checks "
+        "the file alone"]
+    assert code == 1
+    code, lines, _ = await check(tmp_path, "", "--config", str(tmp_path / "none.toml"))
+    assert lines == [
+        f"FAIL  config: {tmp_path / 'none.toml'}: no such file (create it from the packaged "
+        "config/speakerd.toml, or pass --config)",
+        "      fix: copy the packaged config/speakerd.toml there (install.sh does), or pass "
+        "--config PATH"]
     assert code == 1
 
 

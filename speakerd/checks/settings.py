@@ -72,8 +72,7 @@ def check_config(report: Report, path: str) -> configmod.Config | None:
         from speakerd import wakeword
         wakeword.Detector.from_config(config.wake_word, path).close()
     except ConfigError as e:
-        report.add(fail("config", str(e), f"correct it in {path}; `speakerd config "
-                        "--check` says the same without the other checks"))
+        report.add(fail("config", str(e), _config_fix(e, path)))
         return None
     user = service_user()
     why = readable_by(path, user) if user else None
@@ -83,6 +82,16 @@ def check_config(report: Report, path: str) -> configmod.Config | None:
         return config
     report.add(ok("config", f"{path}: valid, wake word models load"))
     return config
+
+
+def _config_fix(e: ConfigError, path: str) -> str:
+    if e.reason.startswith("no such file"):
+        return ("copy the packaged config/speakerd.toml there (install.sh does), or pass "
+                "--config PATH")
+    if e.reason.startswith("not readable by uid"):
+        return "run speakerd check with sudo"
+    where = f"{e.key} in {path}" if e.key else path
+    return f"correct {where}; `speakerd config --check` checks the file alone"
 
 
 def check_key(report: Report, config: configmod.Config) -> configmod.Secret | None:
