@@ -1,4 +1,4 @@
-"""The `speakerd` command: run, status, config --check/--show, version; maps errors to exit
+"""The `speakerd` command: run, check, status, config --check/--show, version; maps errors to exit
 codes."""
 
 from __future__ import annotations
@@ -35,6 +35,17 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--control", metavar="PATH",
                         help="control socket (default: $SPEAKERD_CONTROL, then "
                              "/run/speakerd/control)")
+    check = sub.add_parser("check", help="the checklist: config, key, devices, mic level, "
+                           "wake word, speaker, realtime service, GPIO, service; exit 0 or 1")
+    check.add_argument("--config", metavar="PATH", help=config_help)
+    check.add_argument("--listen", metavar="SECONDS", type=_listen_seconds, default=5.0,
+                       help="how long to listen to the microphone (default 5; say the wake "
+                            "word meanwhile)")
+    check.add_argument("--offline", action="store_true",
+                       help="skip the realtime service checks")
+    check.add_argument("--control", metavar="PATH",
+                       help="control socket of a running speakerd (default: "
+                            "$SPEAKERD_CONTROL, then /run/speakerd/control)")
     cfg = sub.add_parser("config", help="validate or show the config")
     cfg.add_argument("--config", metavar="PATH", help=config_help)
     mode = cfg.add_mutually_exclusive_group(required=True)
@@ -52,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         return EX_OK
     if args.command == "status":
         return _status(args.control, args.json)
+    if args.command == "check":
+        from speakerd import checks
+        try:
+            return checks.run(args.config or configmod.default_path(), listen=args.listen,
+                              offline=args.offline, control_path=args.control)
+        except KeyboardInterrupt:
+            return EX_SOFTWARE
     path = args.config or configmod.default_path()
     try:
         config = configmod.load(path)
@@ -121,6 +139,17 @@ def _status(path: str | None, raw: bool) -> int:
         return EX_UNAVAILABLE
     print(json.dumps(reply, indent=2) if raw else control.describe(reply))
     return EX_OK
+
+
+def _listen_seconds(text: str) -> float:
+    from speakerd.audio.levels import MAX_SECONDS, MIN_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"from {MIN_SECONDS:g} to {MAX_SECONDS:g} seconds")
+    return seconds
 
 
 def _show_mcp(config: configmod.Config) -> None:

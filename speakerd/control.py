@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from speakerd import session as s
+from speakerd.audio import levels
+from speakerd.errors import UnavailableError
 from speakerd.realtime import client as clientmod
 
 if TYPE_CHECKING:
@@ -43,7 +45,8 @@ MAX_CLIENTS = 4  # connections served at once; more are refused with an error li
 IDLE_TIMEOUT = 5.0  # seconds a client may take to send a whole request
 SEND_TIMEOUT = 5.0  # seconds a client may take to read a reply
 SETTLE_TIMEOUT = 5.0  # seconds the session may take to handle what a request queued
-REQUESTS = ("status", "talk", "mute", "unmute", "volume")
+LEVELS_SECONDS = 3.0  # what a levels request measures unless it says
+REQUESTS = ("status", "talk", "mute", "unmute", "volume", "levels")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; not in Python 3.11
 
 
@@ -352,6 +355,8 @@ class ControlServer:
                 return await self._mute(name == "mute")
             if name == "volume":
                 return self._volume(request)
+            if name == "levels":
+                return await self._levels(request)
         except Exception as e:
             # The supervisor of one request: log it, answer, and keep serving.
             log.exception("control request %s failed", name)
@@ -401,6 +406,17 @@ class ControlServer:
                 return error("bad_argument", '"change" is an integer from -100 to 100')
             return {"ok": True, **volume.step(change)}
         return {"ok": True, **volume.get()}
+
+    async def _levels(self, request: dict[str, Any]) -> dict[str, Any]:
+        seconds = request.get("seconds", LEVELS_SECONDS)
+        low, high = levels.MIN_SECONDS, levels.MAX_SECONDS
+        if (not isinstance(seconds, (int, float)) or isinstance(seconds, bool)
+                or not low <= seconds <= high):
+            return error("bad_argument", f'"seconds" is a number from {low:g} to {high:g}')
+        try:
+            return {"ok": True, **await self.daemon.levels(float(seconds))}
+        except UnavailableError as e:
+            return error("unavailable", str(e))
 
 
 def _int_in(x: object, low: int, high: int) -> bool:

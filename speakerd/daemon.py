@@ -19,6 +19,7 @@ from speakerd import session as s
 from speakerd.audio import capture as capmod
 from speakerd.audio import cues as cuesmod
 from speakerd.audio import device as devmod
+from speakerd.audio import levels as levelsmod
 from speakerd.audio import playback as pbmod
 from speakerd.audio import resample
 from speakerd.buttons import Buttons
@@ -127,6 +128,7 @@ class Daemon:
         self.stats = controlmod.Stats()
         self.control_path = controlmod.server_path(control)
         self.control: controlmod.ControlServer | None = None
+        self._levels_lock = asyncio.Lock()
         self._handlers: dict[type, Any] = {
             s.Connect: self._connect, s.CloseConnection: self._close,
             s.Send: self._send, s.PlayAudio: self._play, s.FinishAudio: self._finish,
@@ -577,6 +579,36 @@ class Daemon:
     async def settled(self) -> None:
         """Return once the session has handled every input queued so far."""
         await self._inputs.join()
+
+    async def levels(self, seconds: float) -> dict[str, Any]:
+        """`seconds` of microphone levels and wake-word scores from the capture thread
+        (the control socket's `levels` reply); UnavailableError without a microphone."""
+        mic = self.config.audio.capture_device
+        if "microphone" in self.missing or self.detector is None:
+            raise UnavailableError(f"the microphone '{mic}' is missing: no levels to report")
+        async with self._levels_lock:  # one meter at a time rides on the detector
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+            def finished(report: dict[str, Any]) -> None:  # in the capture thread
+                loop.call_soon_threadsafe(
+                    lambda: done.done() or done.set_result(report))
+            detector = self.detector
+            meter = levelsmod.Meter(seconds, [(c.name, c.threshold)
+                                              for c in detector.classifiers],
+                                    detector.trigger_level, finished)
+            detector.meter = meter
+            try:
+                # Frames come every 80 ms while the device delivers; a device that
+                # stalls (unplugged mid-way) must not hold the client for ever.
+                report = await asyncio.wait_for(done, seconds + 5)
+            except TimeoutError:
+                raise UnavailableError(f"the microphone '{mic}' delivered too little audio "
+                                       f"in {seconds + 5:.0f} s") from None
+            finally:
+                if detector.meter is meter:
+                    detector.meter = None
+        return {"device": mic, **report}
 
     def status(self) -> dict[str, Any]:
         """The control socket's `status` reply (README, "Control socket")."""

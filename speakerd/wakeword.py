@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from speakerd import log as logmod
+from speakerd.audio.levels import Meter
 from speakerd.config import BUILTIN_WAKE_WORDS, WakeWordConfig
 from speakerd.errors import ConfigError
 from speakerd.tflite import MODELS_DIR, Interpreter, ModelError
@@ -135,7 +136,8 @@ class Detector:
 
     `enabled` (False while muted) and `needed` (False while the conversation would
     ignore a wake word: connecting, the user speaking) may be set from any thread.
-    While either is False no model runs at all: on a Pi Zero or under emulation the
+    While either is False no model runs at all (unless someone asked for levels,
+    which include the scores): on a Pi Zero or under emulation the
     models take most of a core, and the capture thread must keep up with the
     person's speech. The last frames are kept, so when the detector is wanted again
     it rebuilds its windows from recent audio only (never from audio before the
@@ -164,6 +166,9 @@ class Detector:
         self._skipped: deque[bytes] = deque(maxlen=refill)
         self._gap = 0  # frames skipped since the models last ran
         self.scores: dict[str, float] = {}  # each model's latest score
+        # A levels.Meter while someone asks for levels (check, the control socket),
+        # fed from process(); whoever attached it takes it off again.
+        self.meter: Meter | None = None
 
     @classmethod
     def from_config(cls, config: WakeWordConfig, path: str = "<config>",
@@ -192,7 +197,7 @@ class Detector:
     def process(self, frame: bytes) -> Detection | None:
         """One 80 ms frame of 16 kHz s16le mono -> a detection or None."""
         self.frame += 1
-        if not (self.enabled and self.needed):
+        if not (self.enabled and self.needed) and self.meter is None:
             self._skipped.append(frame)
             self._gap += 1
             return None
@@ -203,12 +208,19 @@ class Detector:
             for c in self.classifiers:
                 c.reset()
             self._above = dict.fromkeys(self._above, 0)
+        meter = self.meter
+        scores: dict[str, list[float]] = {}
         best: Detection | None = None
         for c, p in self._scores(frame):
+            if meter is not None:
+                scores.setdefault(c.name, []).append(p)
             hit = self._judge(c, p)
             if hit and (best is None or hit.score > best.score):
                 best = hit
-        if best is None:
+        if meter is not None:
+            # A meter that is done ignores it.
+            meter.add(np.frombuffer(frame, "<i2").astype(np.float32), scores)
+        if best is None or not self.enabled:
             return None
         self._last_detection = self.frame
         for c in self.classifiers:

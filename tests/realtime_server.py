@@ -13,6 +13,8 @@ What it does on each connection, as the real service does:
 
 - handshake: records `handshakes` (time, headers); `reject_status=401` (or a list of
   statuses, one per attempt) refuses it with that HTTP status;
+- `models=("gpt-realtime",)`: a connection asking for another model (the URL's
+  `model=`) gets an `error` event `model_not_found` and is closed;
 - sends `session.created`; answers each `session.update` with `session.updated`;
 - `input_audio_buffer.commit` -> `input_audio_buffer.committed`, then the next
   reply (server VAD with create_response); `vad=True` instead detects speech by the
@@ -52,6 +54,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 from openai.types import realtime as rt
@@ -109,7 +112,9 @@ def tone(ms: int, freq: float = 440.0, amplitude: int = 8000) -> bytes:
 class RealtimeServer:
     def __init__(self, *, replies: list[Reply] | None = None,
                  reject_status: int | list[int] | None = None, vad: bool = False,
-                 vad_threshold: float = 500.0, vad_silence_ms: int = 500) -> None:
+                 vad_threshold: float = 500.0, vad_silence_ms: int = 500,
+                 models: tuple[str, ...] | None = None) -> None:
+        self.models = models
         self.replies = list(replies or [])
         self.reject_status = reject_status
         self.vad = vad
@@ -245,6 +250,12 @@ class RealtimeServer:
     async def _handler(self, ws: ServerConnection) -> None:
         self.connections.append(ws)
         self.active_response = None
+        model = dict(parse_qsl(urlsplit(ws.request.path).query)).get("model", "")
+        if self.models is not None and model not in self.models:
+            await self.error("model_not_found", message=f"The model '{model}' does not "
+                             "exist or you do not have access to it.")
+            await ws.close()
+            return
         await self.send(rt.SessionCreatedEvent(
             type="session.created", event_id=self._eid(),
             session=rt.RealtimeSessionCreateRequest(type="realtime", model="gpt-realtime")))

@@ -252,7 +252,7 @@ class TestPlaybackFileBacked:
         await sink.until(lambda: sink.drained)
         p.stop()
         assert out.read_bytes() == cues["wake"]
-        assert set(cues) == {"wake", "end", "error", "timer"}
+        assert set(cues) == {"wake", "end", "error", "timer", "check"}
         assert all(0 < len(v) // 48 <= 1000 for v in cues.values())  # short: at most 1 s
 
     def test_unknown_device_is_a_clear_error(self):

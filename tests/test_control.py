@@ -1,6 +1,7 @@
 """The control socket through a real `speakerd run` (under UMask 0077, as the unit runs
 it), a real unix socket and clients in this and other processes, some under another
-uid: status, `speakerd status`, talk, mute, volume, and abuse the daemon survives."""
+uid: status, `speakerd status`, talk, mute, volume, levels, and abuse the daemon
+survives."""
 
 from __future__ import annotations
 
@@ -20,13 +21,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from speakerd import control
 
-from .conftest import ROOT, SPEAKERD, clean_env, run_speakerd
+from .conftest import ROOT, SPEAKERD, clean_env, need, run_speakerd
 from .notify_socket import NotifySocket
 from .realtime_server import RealtimeServer
+from .speech import have_espeak, silence, speak
 from .test_e2e import KEY, Speaker
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
@@ -296,8 +299,52 @@ class TestRequests:
                                           b'{"request": "nonsense"}\n{"request": "status"}')
         assert [r["ok"] for r in replies] == [True, False, True]
         assert replies[1]["code"] == "unknown_request"
-        assert "one of: status, talk, mute, unmute, volume" in replies[1]["error"]
+        assert "one of: status, talk, mute, unmute, volume, levels" in replies[1]["error"]
         assert replies[2]["state"] == "idle"  # the last request needs no newline
+
+
+class TestLevels:
+    async def test_levels_of_a_silent_mic_and_what_the_wake_word_scored(self, speaker):
+        reply = await speaker.ask({"request": "levels", "seconds": 1})
+        model = reply["wake_word"]["models"][0]
+        assert reply == {
+            "ok": True, "device": "mic", "seconds": 1.04, "rms_dbfs": -120.0,
+            "peak_dbfs": -120.0, "clipped": 0, "samples": 13 * 1280, "dc_offset": 0.0,
+            "wake_word": {"trigger_level": 1, "models": [model]}}
+        assert model == {"name": "hey_jarvis", "threshold": 0.5, "best": model["best"],
+                         "at_seconds": model["at_seconds"],
+                         "highest_threshold": model["best"], "would_trigger": False}
+        assert 0 <= model["best"] < 0.05
+
+    async def test_levels_of_speech_name_the_wake_word_and_when(self, speaker, tmp_path):
+        need(have_espeak(), "espeak-ng")
+        said = np.concatenate([speak("hey jarvis", "en-gb"), silence(1.0)])
+        assert (await speaker.ask({"request": "mute"}))["muted"] is True
+        player = speaker.say(np.concatenate([silence(0.3)] + [said] * 10), "levels")
+        try:
+            reply = await speaker.ask({"request": "levels", "seconds": 3})
+        finally:
+            player.kill()
+            player.wait()
+        assert reply["ok"] and reply["seconds"] == 3.04
+        assert -40 < reply["rms_dbfs"] < reply["peak_dbfs"] < 0 and reply["clipped"] == 0
+        model = reply["wake_word"]["models"][0]
+        assert model["best"] >= 0.5 and model["would_trigger"] is True
+        assert 0 < model["at_seconds"] <= 3.04
+
+    async def test_bad_seconds_are_refused(self, speaker):
+        for bad in (0, 0.4, 31, "3", True, None):
+            reply = await speaker.ask({"request": "levels", "seconds": bad})
+            assert reply == {"ok": False, "code": "bad_argument",
+                             "error": '"seconds" is a number from 0.5 to 30'}, bad
+
+    async def test_no_levels_without_a_microphone(self, tmp_path, pulse, sockdir):
+        audio = '[audio]\ncapture_device = "nomic"\nplayback_device = "spk"\n'
+        async with controlled(tmp_path, pulse, str(sockdir / "control"), RealtimeServer(),
+                              audio) as spk:
+            reply = await spk.ask({"request": "levels", "seconds": 1})
+            assert reply == {"ok": False, "code": "unavailable",
+                             "error": "the microphone 'nomic' is missing: no levels to report"}
 
 
 class TestAbuse:

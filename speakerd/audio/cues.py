@@ -35,4 +35,5 @@ def make_cues() -> dict[str, bytes]:
         "end": _join(_tone(880, 70), _gap(20), _tone(587, 110)),
         "error": _join(_tone(220, 160, 0.35), _gap(60), _tone(196, 220, 0.35)),
         "timer": _join(*[p for _ in range(3) for p in (_tone(988, 120), _gap(120))]),
+        "check": _join(_tone(523, 400)),  # speakerd check's speaker test
     }
