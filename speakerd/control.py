@@ -43,7 +43,7 @@ MAX_CLIENTS = 4  # connections served at once; more are refused with an error li
 IDLE_TIMEOUT = 5.0  # seconds a client may take to send a whole request
 SEND_TIMEOUT = 5.0  # seconds a client may take to read a reply
 SETTLE_TIMEOUT = 5.0  # seconds the session may take to handle what a request queued
-REQUESTS = ("status", "talk", "mute", "unmute", "volume")
+REQUESTS = ("status", "talk", "mute", "unmute", "volume", "announce")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; not in Python 3.11
 
 
@@ -352,6 +352,8 @@ class ControlServer:
                 return await self._mute(name == "mute")
             if name == "volume":
                 return self._volume(request)
+            if name == "announce":  # answered after the drain (speakerd/announce.py)
+                return await self.daemon.announcer.announce(request.get("text"))
         except Exception as e:
             # The supervisor of one request: log it, answer, and keep serving.
             log.exception("control request %s failed", name)
