@@ -421,6 +421,28 @@ class TestInProcess:
             assert daemon.announcer.status()["failed"] == 1
         assert len(server.handshakes) == 1  # the conversation's only
 
+    async def test_cut_off_before_a_sound_it_waits_for_that_conversation(self, tmp_path,
+                                                                       pulse):
+        # Its first connect attempt is turned away (503: retried after ~0.5 s); the talk
+        # button is pressed in that gap, before anything was heard.
+        server = RealtimeServer(reject_status=[503], replies=[voice(600)])
+        async with in_process(tmp_path, pulse, server,
+                              "[conversation]\nfollow_up_seconds = 1\n") as daemon:
+            pending = asyncio.create_task(daemon.announcer.announce(TEXT))
+
+            async def turned_away() -> bool:
+                return len(server.handshakes) == 1
+            await until(turned_away)
+            daemon.press("talk")
+            reply = await pending
+            history = list(daemon.leds.history)
+        assert reply["ok"] is True, reply
+        assert reply["waited_ms"] >= 1000  # the whole conversation, follow-up included
+        # The conversation first, then the announcement: never both at once.
+        assert history[:5] == ["idle", "connecting", "listening", "idle", "audio_playing"]
+        assert len(server.handshakes) == 3  # turned away, the conversation, then it
+        assert announcement_texts(server) == [announce.prompt(TEXT)]
+
     async def test_no_api_key(self, tmp_path, pulse):
         server = RealtimeServer()
         async with in_process(tmp_path, pulse, server, key=False) as daemon:
