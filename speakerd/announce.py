@@ -270,7 +270,8 @@ class Announcer:
         drain_by: float | None = None  # set once the last audio is queued
 
         def heard(why: str) -> dict[str, Any]:
-            playback.flush()
+            if self.speaking:  # else a cue may be playing: leave it be
+                playback.flush()
             return error("unavailable", why, played_ms=playback.played_ms(rid))
 
         while True:
@@ -295,6 +296,9 @@ class Announcer:
                 return error("interrupted", f"interrupted by the {event.why} after "
                              f"{event.played_ms} ms", played_ms=event.played_ms)
             if isinstance(event, _Drained):
+                if "speaker" in self.daemon.missing:  # dropped unheard, yet drained
+                    return error("no_speaker", "the speaker went missing while it played",
+                                 played_ms=playback.played_ms(rid))
                 return {"ok": True, "played_ms": playback.played_ms(rid),
                         "waited_ms": int((started - job.asked) * 1000)}
             if isinstance(event, clientmod.Ready):

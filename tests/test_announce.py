@@ -73,13 +73,16 @@ def sockdir():
 
 @contextlib.asynccontextmanager
 async def speaker_for(tmp_path: Path, pulse, sockdir: Path, server: RealtimeServer,
-                      extra: str = "", url: str | None = None):
-    """`speakerd run --control` against `server` (or `url`); must run on, then exit 0."""
+                      extra: str = "", url: str | None = None, speaker: str = "spk"):
+    """`speakerd run --control` against `server` (or `url`) playing on `speaker`; it
+    must run on, then exit 0."""
     async with server:
         spk = Controlled(tmp_path, pulse, server, str(sockdir / "control"),
                          "[cues]\nwake = false\nend = false\n" + extra)
         if url:
             spk.config.write_text(spk.config.read_text().replace(server.url, url))
+        spk.config.write_text(spk.config.read_text().replace(
+            'playback_device = "spk"', f'playback_device = "{speaker}"'))
         spk.speaker_start = len(pulse.speaker_bytes())  # Controlled.start() does not
         await spk.start()
         try:
@@ -347,6 +350,14 @@ class TestRefused:
                                          f"{announce.CONNECT_ATTEMPTS} attempts; last: "
                                          "cannot reach 127.0.0.1: ")
         assert "announcement 1 not played: service unreachable: " in spk.log
+
+    async def test_a_missing_speaker(self, tmp_path, pulse, sockdir):
+        server = RealtimeServer()
+        async with speaker_for(tmp_path, pulse, sockdir, server, speaker="nospk") as spk:
+            reply = await ask(spk, say())
+        assert reply == {"ok": False, "code": "no_speaker", "error":
+                         "the speaker 'nospk' is missing; speakerd is waiting for it"}
+        assert server.handshakes == []
 
     def test_no_daemon_is_exit_69(self, tmp_path):
         path = tmp_path / "control"
