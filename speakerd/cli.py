@@ -1,5 +1,5 @@
-"""The `speakerd` command: run, check, status, config --check/--show, version; maps errors to exit
-codes."""
+"""The `speakerd` command: run, check, status, announce, config --check/--show, version;
+maps errors to exit codes."""
 
 from __future__ import annotations
 
@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--control", metavar="PATH",
                        help="control socket of a running speakerd (default: "
                             "$SPEAKERD_CONTROL, then /run/speakerd/control)")
+    announce = sub.add_parser("announce", help="have the running daemon say TEXT in the "
+                              "assistant's voice (waits until it has been played)")
+    announce.add_argument("text", nargs="+", metavar="TEXT",
+                          help="what to say (several words are joined with spaces)")
+    announce.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    announce.add_argument("--control", metavar="PATH",
+                          help="control socket (default: $SPEAKERD_CONTROL, then "
+                               "/run/speakerd/control)")
     cfg = sub.add_parser("config", help="validate or show the config")
     cfg.add_argument("--config", metavar="PATH", help=config_help)
     mode = cfg.add_mutually_exclusive_group(required=True)
@@ -70,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                               offline=args.offline, control_path=args.control)
         except KeyboardInterrupt:
             return EX_SOFTWARE
+    if args.command == "announce":
+        return _announce(args.control, " ".join(args.text), args.json)
     path = args.config or configmod.default_path()
     try:
         config = configmod.load(path)
@@ -150,6 +160,35 @@ def _listen_seconds(text: str) -> float:
     if not MIN_SECONDS <= seconds <= MAX_SECONDS:
         raise argparse.ArgumentTypeError(f"from {MIN_SECONDS:g} to {MAX_SECONDS:g} seconds")
     return seconds
+# Refusals that mean the speaker cannot speak now (no key, no service, no speaker):
+# exit 69 as when the daemon itself is unreachable.
+_UNAVAILABLE_CODES = ("unavailable", "no_api_key", "no_speaker")
+
+
+def _announce(path: str | None, text: str, raw: bool) -> int:
+    """`speakerd announce TEXT`: 0 once played, 69 unreachable or unavailable, 1 refused."""
+    import json
+
+    from speakerd import control
+    from speakerd.announce import REPLY_TIMEOUT
+
+    try:
+        reply = control.ask(control.client_path(path), {"request": "announce", "text": text},
+                            timeout=REPLY_TIMEOUT)
+    except control.Unreachable as e:
+        _fail(str(e))
+        return EX_UNAVAILABLE
+    if raw:
+        print(json.dumps(reply))
+    if not reply.get("ok"):
+        if not raw:
+            _fail(f"not announced: {reply.get('error')}")
+        return EX_UNAVAILABLE if reply.get("code") in _UNAVAILABLE_CODES else EX_SOFTWARE
+    if not raw:
+        waited = reply.get("waited_ms", 0) / 1000
+        print(f"announced: {reply.get('played_ms', 0) / 1000:.1f} s of speech"
+              + (f", after waiting {waited:.0f} s" if waited >= 1 else ""))
+    return EX_OK
 
 
 def _show_mcp(config: configmod.Config) -> None:

@@ -46,7 +46,7 @@ IDLE_TIMEOUT = 5.0  # seconds a client may take to send a whole request
 SEND_TIMEOUT = 5.0  # seconds a client may take to read a reply
 SETTLE_TIMEOUT = 5.0  # seconds the session may take to handle what a request queued
 LEVELS_SECONDS = 3.0  # what a levels request measures unless it says
-REQUESTS = ("status", "talk", "mute", "unmute", "volume", "levels")
+REQUESTS = ("status", "talk", "mute", "unmute", "volume", "levels", "announce")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; not in Python 3.11
 
 
@@ -357,6 +357,8 @@ class ControlServer:
                 return self._volume(request)
             if name == "levels":
                 return await self._levels(request)
+            if name == "announce":  # answered after the drain (speakerd/announce.py)
+                return await self.daemon.announcer.announce(request.get("text"))
         except Exception as e:
             # The supervisor of one request: log it, answer, and keep serving.
             log.exception("control request %s failed", name)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from speakerd import __version__
+from speakerd import announce as announcemod
 from speakerd import config as configmod
 from speakerd import control as controlmod
 from speakerd import log as logmod
@@ -129,6 +130,7 @@ class Daemon:
         self.control_path = controlmod.server_path(control)
         self.control: controlmod.ControlServer | None = None
         self._levels_lock = asyncio.Lock()
+        self.announcer = announcemod.Announcer(self, spawn=self._spawn)
         self._handlers: dict[type, Any] = {
             s.Connect: self._connect, s.CloseConnection: self._close,
             s.Send: self._send, s.PlayAudio: self._play, s.FinishAudio: self._finish,
@@ -303,6 +305,7 @@ class Daemon:
             if self.session.state in (s.State.IDLE, s.State.ERROR):
                 self._idle.set()
             self._pace_detector()
+            self.announcer.session_changed()
             self.stats.step(before, conv, inp, self.session.state)
             self._inputs.task_done()  # settled() waits for this
 
@@ -378,10 +381,13 @@ class Daemon:
         elif inp.button == "talk" and self.ringer.stop():
             return  # that press silenced a timer
         else:
+            if inp.button == "talk" and not self.session.muted:
+                self.announcer.interrupt("talk button")  # as it interrupts an answer
             self.put(inp)
 
     def _detected(self, result: object) -> None:
         if isinstance(result, Detection) and not self.ringer.stop():
+            self.announcer.interrupt(f"wake word {result.model}")
             self.put(s.WakeWordDetected(result.model, result.frame))
 
     def _device(self, what: str, event: object) -> None:
@@ -406,17 +412,24 @@ class Daemon:
     def _show_leds(self, state: str | None = None) -> None:
         if self.missing:
             self.leds.show("error")
+        elif self.announcer.speaking and self.session.state is s.State.IDLE:
+            self.leds.show("audio_playing")  # an announcement: speaking, as in an answer
         elif self.session.muted and self.session.state is s.State.IDLE:
             self.leds.show("muted")
         else:
             self.leds.show(state or self.session.state.value)
 
     def _drained(self, rid: str) -> None:
-        if not rid.startswith("cue:"):
+        if rid.startswith(announcemod.PREFIX):
+            self.announcer.drained(rid)
+        elif not rid.startswith("cue:"):
             self.put(s.PlaybackDrained(rid))
 
     def _flushed(self, played: dict[str, int]) -> None:
-        heard = {rid: ms for rid, ms in played.items() if not rid.startswith("cue:")}
+        # Cues and announcements are not the conversation's: the session hears only of
+        # its own responses.
+        heard = {rid: ms for rid, ms in played.items()
+                 if not rid.startswith(("cue:", announcemod.PREFIX))}
         if heard:
             self.put(s.PlaybackFlushed(heard))
 
@@ -572,6 +585,13 @@ class Daemon:
             return
         self.control = control
 
+    def announcing(self, on: bool) -> None:
+        """An announcement started or stopped making sound: the LEDs and status say so."""
+        self._show_leds()
+        self.notifier.status(self._status_text(
+            "announcing" if on else s.STATUS[self.session.state]
+            + (" (muted)" if self.session.muted else "")))
+
     def press(self, button: str) -> None:
         """A button pressed from elsewhere (the control socket), as if on the GPIO."""
         self._button(s.ButtonPressed(button))
@@ -634,6 +654,7 @@ class Daemon:
             "overruns": self.capture.overruns if self.capture else 0,
             "realtime": {"url": c.realtime.url, "model": c.realtime.model},
             "mcp": self.mcp.status() if self.mcp else [],  # [[mcp]] servers and their tools
+            "announcements": self.announcer.status(),
         }
 
     def _log_startup(self) -> None:

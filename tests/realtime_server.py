@@ -22,7 +22,8 @@ What it does on each connection, as the real service does:
 - `response.create` while a response is active -> error
   `conversation_already_has_active_response`; otherwise plays the next `Reply`;
 - `response.cancel` -> the active reply stops, `response.done` status cancelled;
-- `conversation.item.create` -> `conversation.item.added`.
+- `conversation.item.create` (a function call's output or a user message) ->
+  `conversation.item.added`.
 
 A `Reply` streams `audio_ms` of 24 kHz audio (or the given `pcm`) as deltas of
 `chunk_ms` at `speed` times real time, its transcript, then `response.done` whose
@@ -305,11 +306,16 @@ class RealtimeServer:
                                  event_id=event.get("event_id"))
         elif kind == "conversation.item.create":
             item = event["item"]
-            await self.send(rt.ConversationItemAdded(
-                type="conversation.item.added", event_id=self._eid(),
-                item=rt.RealtimeConversationItemFunctionCallOutput(
+            added: Any
+            if item.get("type") == "message":  # a user's text (an announcement's)
+                added = rt.RealtimeConversationItemUserMessage.model_validate(
+                    {**item, "id": f"item_{next(self._ids)}"})
+            else:
+                added = rt.RealtimeConversationItemFunctionCallOutput(
                     type="function_call_output", call_id=item["call_id"],
-                    output=item["output"], id=f"item_{next(self._ids)}")))
+                    output=item["output"], id=f"item_{next(self._ids)}")
+            await self.send(rt.ConversationItemAdded(
+                type="conversation.item.added", event_id=self._eid(), item=added))
 
     async def _vad(self, pcm: bytes) -> None:
         samples = np.frombuffer(pcm, "<i2").astype(np.float64)

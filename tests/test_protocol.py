@@ -64,6 +64,23 @@ class TestBuilders:
                                  turn_detection="server_vad")
         CLIENT.validate_python(event)
 
+    def test_the_announcement_events_validate_and_nothing_is_dropped(self):
+        update = p.announce_session_update(model="gpt-realtime", voice="cedar",
+                                           instructions="Read it out.")
+        model = CLIENT.validate_python(update)
+        # turn_detection null switches the server's VAD off: it must go out as null.
+        assert model.model_dump(mode="json", exclude_unset=True) == update
+        assert update["session"]["audio"]["input"] == {"turn_detection": None}
+        assert update["session"]["tools"] == [] and update["session"]["tool_choice"] == "none"
+        for event in (p.user_text("Say: the laundry is done."),
+                      p.response_create(output_modalities=["audio"])):
+            model = CLIENT.validate_python(event)
+            assert model.model_dump(mode="json", exclude_none=True) == event
+        assert p.user_text("hi")["item"] == {
+            "type": "message", "role": "user", "content": [{"type": "input_text",
+                                                            "text": "hi"}]}
+        assert "response" not in p.response_create()  # the conversation's, unchanged
+
     def test_audio_is_base64_of_the_bytes(self):
         pcm = bytes(range(256)) * 4
         assert base64.b64decode(p.input_audio_append(pcm)["audio"]) == pcm

@@ -76,8 +76,38 @@ def item_truncate(item_id: str, content_index: int, audio_end_ms: int) -> dict[s
                   content_index=content_index, audio_end_ms=audio_end_ms)
 
 
-def response_create() -> dict[str, Any]:
-    return _event("response.create")
+def response_create(**response: Any) -> dict[str, Any]:
+    """`response.create`; keyword arguments become its `response` (e.g. output_modalities)."""
+    return _event("response.create", **({"response": response} if response else {}))
+
+
+def announce_session_update(*, model: str, voice: str, instructions: str) -> dict[str, Any]:
+    """The session of an announcement: it speaks and never listens.
+
+    No tools and no turn detection (`null` switches the server's default VAD off):
+    nothing is ever appended to its input buffer, and nothing may start a response
+    but the one `response.create` speakerd sends.
+    """
+    return _event("session.update", session={
+        "type": "realtime",
+        "model": model,
+        "output_modalities": ["audio"],
+        "instructions": instructions,
+        "audio": {
+            "input": {"turn_detection": None},
+            "output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
+                       "voice": voice},
+        },
+        "tools": [],
+        "tool_choice": "none",
+    })
+
+
+def user_text(text: str) -> dict[str, Any]:
+    """A user message of plain text, added to the conversation (no response by itself)."""
+    return _event("conversation.item.create", item={
+        "type": "message", "role": "user",
+        "content": [{"type": "input_text", "text": text}]})
 
 
 def response_cancel(response_id: str | None = None) -> dict[str, Any]:
