@@ -249,7 +249,8 @@ uninstall() {
     else
         say "removed speakerd; kept /etc/speakerd (--purge removes it)"
     fi
-    if [ -z "$root" ]; then
+    # Without a running systemd (a chroot building an image) there is nothing to reload.
+    if [ -z "$root" ] && [ -d /run/systemd/system ]; then
         systemctl daemon-reload
     fi
 }

@@ -862,6 +862,18 @@ class Run:
             check(mode == "660 speakerd", f"/run/speakerd/control is {mode!r}")
             note.append(f"state {reply['state']}, socket {mode}")
         self.conversation(m, model)
+        with self.step("sudo speakerd check while the service runs") as note:
+            # After the conversation: check's own session.update must not count as one.
+            r = m.run("sudo speakerd check --listen 1", user="pi", check=False, timeout=180)
+            out = r.stdout
+            check(r.returncode == 0 and "\nFAIL" not in "\n" + out,
+                  f"exit {r.returncode}: {out[-1500:]}{r.stderr[-500:]}")
+            for want in ("ok    speakerd: running", "ok    service: speakerd.service",
+                         "ok    realtime session.updated", "ok    config"):
+                check(want in out, f"no {want!r} line in:\n{out[-1500:]}")
+            words = [line.split()[0] for line in out.splitlines()
+                     if line[:4] in ("ok  ", "warn", "skip")]
+            note.append(", ".join(f"{words.count(w)} {w}" for w in ("ok", "warn", "skip")))
         with self.step("systemd-analyze security speakerd") as note:
             r = m.run("systemd-analyze security speakerd --no-pager", check=False, timeout=120)
             score = re.search(r"Overall exposure level for speakerd.service: ([\d.]+)",
