@@ -15,6 +15,7 @@ from speakerd import __version__
 from speakerd import config as configmod
 from speakerd import control as controlmod
 from speakerd import log as logmod
+from speakerd import phrases as phrasesmod
 from speakerd import session as s
 from speakerd.audio import capture as capmod
 from speakerd.audio import cues as cuesmod
@@ -115,6 +116,7 @@ class Daemon:
         self._mic_resampler: resample.Resampler | None = None
         self._cue_ids = itertools.count(1)
         self._cues = cuesmod.make_cues()
+        self.phrases = phrasesmod.Phrases(config.phrases)
         self.capture: capmod.Capture | None = None
         self.playback: pbmod.Playback | None = None
         self.detector: Detector | None = None
@@ -127,7 +129,8 @@ class Daemon:
         self._handlers: dict[type, Any] = {
             s.Connect: self._connect, s.CloseConnection: self._close,
             s.Send: self._send, s.PlayAudio: self._play, s.FinishAudio: self._finish,
-            s.FlushPlayback: self._flush, s.PlayCue: self._cue, s.StreamMic: self._stream,
+            s.FlushPlayback: self._flush, s.PlayCue: self._cue, s.SayPhrase: self._say,
+            s.StreamMic: self._stream,
             s.SetWakeWord: self._set_wake_word, s.ResetWakeWord: self._reset_wake_word,
             s.RunTool: self._run_tool, s.StartTimer: self._start_timer,
             s.CancelTimer: self._cancel_timer, s.SetLeds: self._leds,
@@ -180,6 +183,7 @@ class Daemon:
         if self.notifier.watchdog_interval:
             self._spawn(self._watchdog(), "watchdog")
         self._spawn(timermod.run(self.timers, self.ringer, self._timers_changed), "timers")
+        self._spawn(self.phrases.render(), "phrases")
         self._update_mcp()
         worker = self._spawn(self._work(), "session")
         await self._start_control()
@@ -259,6 +263,9 @@ class Daemon:
         if key:
             self.redact.add(key.reveal())
             self.api_key = key
+        if new.phrases != self.config.phrases:
+            self.phrases = phrasesmod.Phrases(new.phrases)
+            self._spawn(self.phrases.render(), "phrases")
         self.config = new
         self._update_mcp()
         # Takes effect from the next conversation; devices and models stay as opened.
@@ -413,7 +420,7 @@ class Daemon:
             self.put(s.SessionReady())
         elif isinstance(event, clientmod.Disconnected):
             self._client = None
-            self.put(s.Disconnected(event.reason, event.unrecoverable))
+            self.put(s.Disconnected(event.reason, event.unrecoverable, event.cause))
         else:
             self.put(event)
 
@@ -468,6 +475,21 @@ class Daemon:
         assert self.playback
         rid = f"cue:{a.name}:{next(self._cue_ids)}"
         self.playback.enqueue(self._cues[a.name], rid)
+        self.playback.finish(rid)
+
+    def _say(self, a: s.SayPhrase) -> None:
+        got = self.phrases.pcm(a.situation)
+        if got is None:
+            if a.fallback_cue:
+                self._cue(s.PlayCue(a.fallback_cue))
+            return
+        pcm, voice = got
+        assert self.playback
+        log.info("saying the %s phrase (%s, %.1f s)", a.situation, voice,
+                 len(pcm) / protocol.BYTES_PER_MS / 1000,
+                 extra=logmod.fields(event="phrase"))
+        rid = f"cue:phrase:{a.situation}:{next(self._cue_ids)}"
+        self.playback.enqueue(pcm, rid)
         self.playback.finish(rid)
 
     def _stream(self, a: s.StreamMic) -> None:

@@ -52,6 +52,7 @@ class SessionReady:
 class Disconnected:
     reason: str
     unrecoverable: bool = False
+    cause: str = ""  # a protocol situation (UNREACHABLE, KEY_REFUSED, ...), if known
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,15 @@ class PlayCue:
 
 
 @dataclass(frozen=True, slots=True)
+class SayPhrase:
+    """Tell the person what is wrong: the status phrase for `situation` (a protocol
+    situation), else the `fallback_cue` earcon, else nothing."""
+
+    situation: str
+    fallback_cue: str | None = "error"
+
+
+@dataclass(frozen=True, slots=True)
 class StreamMic:
     on: bool
     after_frame: int = -1
@@ -166,7 +176,7 @@ class SetStatus:
 
 
 Action = (Connect | CloseConnection | Send | PlayAudio | FinishAudio | FlushPlayback | PlayCue
-          | StreamMic | SetWakeWord | ResetWakeWord | RunTool | StartTimer | CancelTimer
+          | SayPhrase | StreamMic | SetWakeWord | ResetWakeWord | RunTool | StartTimer | CancelTimer
           | SetLeds | SetStatus)
 
 
@@ -178,7 +188,9 @@ class Settings:
     wake_cue: bool = True
     end_cue: bool = True
     audio_margin_seconds: float = 2.0  # on top of the queued audio, before a drain is late
-    connect_timeout: float = 45.0  # the client's own retries fit inside this
+    # A slow network gets this long to bring the session up before the person is told;
+    # a definite failure (no route, refused, bad key) is told as soon as it is reported.
+    connect_timeout: float = 8.0
     response_timeout: float = 20.0  # silence from the server while a turn is due
     error_seconds: float = 3.0  # the error LED shows this long before IDLE
 
@@ -218,6 +230,7 @@ class _Conversation:
     number: int
     end: str | None = None  # an end asked for, carried out after the drain
     error: str | None = None  # an unrecoverable error to show after the drain
+    say: str | None = None  # the situation to tell the person about when it ends
     active: str | None = None  # the response between response.created and response.done
     responses: dict[str, _Response] = field(default_factory=dict)
     playing: set[str] = field(default_factory=set)  # finished, drain not yet reported
@@ -298,6 +311,8 @@ class Session:
     def _start(self, inp: WakeWordDetected | ButtonPressed) -> None:
         if self.muted:
             log.info("%s ignored: the microphone is muted", _what(inp))
+            if isinstance(inp, ButtonPressed):
+                self._emit(SayPhrase(p.MUTED, None))  # a press deserves an answer
             return
         self.count += 1
         self.conv = _Conversation(self.count)
@@ -396,7 +411,7 @@ class Session:
         if inp.status == "failed":
             severity, why = p.classify_error(inp.error_type, inp.error_code)
             if severity is Severity.UNRECOVERABLE:
-                self._fail(why)
+                self._fail(why, p.cause_of_error(inp.error_type, inp.error_code))
             else:
                 log.warning("response %s failed (%s); the conversation goes on", r.id, why)
         if r.calls:
@@ -576,21 +591,25 @@ class Session:
         self._emit(CloseConnection())
         self._emit(ResetWakeWord())
         self.conv = None
+        say = conv.say if conv else None
         if error:
-            self._emit(PlayCue("error"))
+            self._emit(SayPhrase(say or p.FAILED))
             self._timer("error", self.settings.error_seconds)
             self._enter(State.ERROR, error)
         else:
             if self.settings.end_cue:
                 self._emit(PlayCue("end"))
+            if say:
+                self._emit(SayPhrase(say, None))
             self._enter(State.IDLE, f"conversation over: {reason}")
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, cause: str) -> None:
         """Unrecoverable: say what to fix; end once nothing is playing."""
         conv = self.conv
         assert conv
         log.error("realtime session failed: %s", why)
         conv.error = conv.error or why
+        conv.say = conv.say or cause
         conv.connected = False
         self._finish_active()
         self._emit(CloseConnection())
@@ -598,7 +617,7 @@ class Session:
     def _server_error(self, inp: p.ServerError) -> None:
         severity, why = p.classify_error(inp.type, inp.code)
         if severity is Severity.UNRECOVERABLE:
-            self._fail(why)
+            self._fail(why, p.cause_of_error(inp.type, inp.code))
             if self.state in (State.CONNECTING, State.LISTENING):
                 self._end_now("error")
             return
@@ -616,6 +635,11 @@ class Session:
     def _disconnected(self, inp: Disconnected) -> None:
         conv = self.conv
         assert conv
+        if self.state is State.CONNECTING:
+            conv.say = conv.say or inp.cause or p.UNREACHABLE
+        elif inp.unrecoverable or self.state in (State.THINKING, State.RESPONDING):
+            # Gone while an answer was due or coming: the person is left hanging.
+            conv.say = conv.say or inp.cause or p.FAILED
         conv.connected = False
         self._finish_active()
         self._cancel("connect", "response")
@@ -636,7 +660,9 @@ class Session:
         conv = self.conv
         assert conv
         if inp.name == "connect":
-            conv.error = "the realtime service did not answer in time"
+            conv.error = (f"the realtime service did not answer within "
+                          f"{self.settings.connect_timeout:g} s (a slow or broken network?)")
+            conv.say = p.UNREACHABLE
             self._end_now("connect timeout")
             return
         log.warning("no word from the realtime service for %.0f s while a %s was due",
@@ -645,6 +671,7 @@ class Session:
         if self.state is State.RESPONDING:
             self._finish_active()
             conv.end = conv.end or "the realtime service stopped answering"
+            conv.say = conv.say or p.FAILED
             self._emit(CloseConnection())
             conv.connected = False
             self._after_response("response timed out")

@@ -220,7 +220,21 @@ class TestErrorClasses:
     @pytest.mark.parametrize(("status", "severity"), [
         (401, Severity.UNRECOVERABLE), (403, Severity.UNRECOVERABLE),
         (404, Severity.UNRECOVERABLE), (400, Severity.UNRECOVERABLE),
-        (429, Severity.RETRY), (500, Severity.RETRY), (502, Severity.RETRY),
+        (429, Severity.UNRECOVERABLE), (500, Severity.RETRY), (502, Severity.RETRY),
         (503, Severity.RETRY), (418, Severity.UNRECOVERABLE)])
     def test_classify_handshake_status(self, status, severity):
         assert p.classify_status(status)[0] is severity
+
+    @pytest.mark.parametrize(("status", "cause"), [
+        (401, p.KEY_REFUSED), (403, p.KEY_REFUSED), (429, p.QUOTA), (404, p.FAILED),
+        (500, p.FAILED)])
+    def test_a_refused_handshake_names_the_situation_to_speak(self, status, cause):
+        assert p.cause_of_status(status) == cause
+
+    @pytest.mark.parametrize(("error", "cause"), [
+        (("invalid_request_error", "invalid_api_key"), p.KEY_REFUSED),
+        (("authentication_error", None), p.KEY_REFUSED),
+        (("invalid_request_error", "insufficient_quota"), p.QUOTA),
+        (("invalid_request_error", "model_not_found"), p.FAILED)])
+    def test_an_unrecoverable_error_names_the_situation_to_speak(self, error, cause):
+        assert p.cause_of_error(*error) == cause

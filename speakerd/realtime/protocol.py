@@ -346,15 +346,46 @@ UNRECOVERABLE_ERRORS: dict[str, str] = {
     "account_deactivated": "the account is deactivated",
 }
 
-# Handshake HTTP status -> severity. 429 and 5xx are worth another try.
+# Handshake HTTP status -> severity. 408 and 5xx are worth another try.
 HANDSHAKE_STATUS: dict[int, tuple[Severity, str]] = {
     400: (Severity.UNRECOVERABLE, "bad request: check realtime.url and realtime.model"),
     401: (Severity.UNRECOVERABLE, "the API key was refused (HTTP 401): check the key"),
     403: (Severity.UNRECOVERABLE, "access denied (HTTP 403): the key may not use this model"),
     404: (Severity.UNRECOVERABLE, "not found (HTTP 404): check realtime.url and realtime.model"),
     408: (Severity.RETRY, "request timeout (HTTP 408)"),
-    429: (Severity.RETRY, "rate limited (HTTP 429)"),
+    # Out of quota or over the rate limit: not worth making the person wait through
+    # retries; the next wake word tries again.
+    429: (Severity.UNRECOVERABLE, "out of quota or rate-limited (HTTP 429): check billing "
+          "and usage limits"),
 }
+
+
+# What went wrong, in the words of the spoken status phrases (speakerd/phrases.py): the
+# situation a phrase is said for.
+UNREACHABLE = "unreachable"  # no network, no name, refused, TLS failure, too slow
+KEY_REFUSED = "key_refused"  # 401/403, invalid_api_key, permission errors
+QUOTA = "quota"  # 429, insufficient_quota
+FAILED = "failed"  # the service failed (mid-answer, unknown model, ...)
+MUTED = "muted"  # the talk button pressed while the microphone is off
+SITUATIONS = (UNREACHABLE, KEY_REFUSED, QUOTA, FAILED, MUTED)
+
+_CAUSES = {"invalid_api_key": KEY_REFUSED, "authentication_error": KEY_REFUSED,
+           "permission_error": KEY_REFUSED, "permission_denied": KEY_REFUSED,
+           "account_deactivated": KEY_REFUSED, "insufficient_quota": QUOTA,
+           "rate_limit_exceeded": QUOTA}
+
+
+def cause_of_error(error_type: str | None, code: str | None) -> str:
+    """The situation an unrecoverable error event puts the person in."""
+    for key in (code, error_type):
+        if key in _CAUSES:
+            return _CAUSES[key]
+    return FAILED
+
+
+def cause_of_status(status: int) -> str:
+    """The situation a refused handshake puts the person in."""
+    return {401: KEY_REFUSED, 403: KEY_REFUSED, 429: QUOTA}.get(status, FAILED)
 
 
 def classify_error(error_type: str | None, code: str | None) -> tuple[Severity, str]:
