@@ -54,7 +54,8 @@ def session_settings(c: configmod.Config) -> s.Settings:
     return s.Settings(follow_up_seconds=c.conversation.follow_up_seconds,
                       follow_up_guard_ms=c.audio.follow_up_guard_ms,
                       max_session_seconds=c.conversation.max_session_seconds,
-                      wake_cue=c.cues.wake, end_cue=c.cues.end)
+                      wake_cue=c.cues.wake, end_cue=c.cues.end,
+                      transcripts=c.log.transcripts)
 
 
 class _PlaybackGain:
@@ -436,7 +437,9 @@ class Daemon:
         c = self.config.realtime
         update = protocol.session_update(model=c.model, instructions=c.instructions,
                                          voice=c.voice, turn_detection=c.turn_detection,
-                                         tools=self.tools.schemas())
+                                         tools=self.tools.schemas(),
+                                         transcription_model=self.config.log.transcription_model
+                                         if self.config.log.transcripts else "")
         client = clientmod.RealtimeClient(
             url=c.url, model=c.model, api_key=self.api_key, session_update=update,
             on_event=lambda event: self._from_client(client, event))

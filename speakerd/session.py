@@ -193,6 +193,7 @@ class Settings:
     connect_timeout: float = 8.0
     response_timeout: float = 20.0  # silence from the server while a turn is due
     error_seconds: float = 3.0  # the error LED shows this long before IDLE
+    transcripts: bool = False  # log what was heard and said (private: off by default)
 
 
 class UnhandledInput(Exception):
@@ -236,6 +237,10 @@ class _Conversation:
     playing: set[str] = field(default_factory=set)  # finished, drain not yet reported
     turns: list[_Turn] = field(default_factory=list)
     connected: bool = False
+    # The user's turns by number, for transcripts that arrive after the answer began.
+    user_turns: int = 0
+    turn_of_item: dict[str, int] = field(default_factory=dict)
+    turn_of_response: dict[str, int] = field(default_factory=dict)
 
 
 class Session:
@@ -346,7 +351,16 @@ class Session:
     def _speech_started(self, inp: p.SpeechStarted) -> None:
         self._cancel("follow_up")  # they are talking: the window is not running out
 
+    def _note_turn(self, inp: p.AudioCommitted) -> None:
+        """A user turn, committed: numbered, so that its transcript finds its place."""
+        conv = self.conv
+        assert conv
+        if inp.item_id not in conv.turn_of_item:
+            conv.user_turns += 1
+            conv.turn_of_item[inp.item_id] = conv.user_turns
+
     def _committed(self, inp: p.AudioCommitted) -> None:
+        self._note_turn(inp)
         # The assistant's own voice must not become the next turn: the mic stays
         # closed until its answer has played out.
         self._cancel("follow_up", "mic_guard")
@@ -367,6 +381,7 @@ class Session:
         assert conv
         conv.active = inp.response_id
         conv.responses.setdefault(inp.response_id, _Response(inp.response_id))
+        conv.turn_of_response.setdefault(inp.response_id, conv.user_turns)
         self._cancel("response", "follow_up", "mic_guard")
         if self.state is State.LISTENING:
             self._emit(StreamMic(False))
@@ -391,6 +406,30 @@ class Session:
         r.audio_ms += len(inp.pcm) / p.BYTES_PER_MS
         self._emit(PlayAudio(inp.pcm, inp.response_id))
         self._timer("response", self.settings.response_timeout)
+
+    def _heard(self, inp: p.InputTranscript) -> None:
+        conv = self.conv
+        assert conv
+        turn = conv.turn_of_item.get(inp.item_id, conv.user_turns)
+        self._transcript("heard", inp.transcript, turn)
+
+    def _said(self, inp: p.TranscriptDone) -> None:
+        conv = self.conv
+        assert conv
+        if self.state is State.RESPONDING and inp.response_id == conv.active:
+            self._keep_alive(inp)
+        turn = conv.turn_of_response.get(inp.response_id, conv.user_turns)
+        self._transcript("said", inp.transcript, turn)
+
+    def _transcript(self, what: str, text: str, turn: int) -> None:
+        """One journal line per user turn (heard) and per answer (said), if asked for."""
+        conv = self.conv
+        assert conv
+        if not self.settings.transcripts:
+            return
+        log.info("%s: %s", what, text, extra={
+            "SPEAKERD_EVENT": what, "SPEAKERD_TEXT": text,
+            "SPEAKERD_SESSION": str(conv.number), "SPEAKERD_TURN": str(turn)})
 
     def _keep_alive(self, inp: object) -> None:
         """A sign of life from the server during a response."""
@@ -751,7 +790,6 @@ TABLE: dict[tuple[State, type], Handler] = {
     (S.RESPONDING, p.OutputItemAdded): Session._item_added,
     (S.RESPONDING, p.AudioDelta): Session._audio,
     (S.RESPONDING, p.AudioDone): Session._keep_alive,
-    (S.RESPONDING, p.TranscriptDone): Session._keep_alive,
     (S.RESPONDING, p.ResponseDone): Session._response_done,
     (S.LISTENING, p.ResponseDone): Session._response_done,
     (S.THINKING, p.ResponseDone): Session._response_done,
@@ -767,6 +805,11 @@ for _state in (S.LISTENING, S.THINKING, S.RESPONDING, S.AUDIO_PLAYING):
     TABLE[(_state, ToolDone)] = Session._tool_done
     TABLE[(_state, EndRequested)] = Session._end_request
     TABLE[(_state, PlaybackFlushed)] = Session._flushed
+for _state in (S.LISTENING, S.THINKING, S.RESPONDING, S.AUDIO_PLAYING):
+    TABLE[(_state, p.InputTranscript)] = Session._heard
+    TABLE[(_state, p.TranscriptDone)] = Session._said
+for _state in (S.THINKING, S.RESPONDING, S.AUDIO_PLAYING):
+    TABLE[(_state, p.AudioCommitted)] = Session._note_turn
 TABLE[(S.CONNECTING, EndRequested)] = Session._end_request
 TABLE[(S.CONNECTING, p.ServerError)] = Session._server_error
 TABLE[(S.CONNECTING, ToolDone)] = Session._tool_done
@@ -804,8 +847,8 @@ ANY_STATE: dict[type, Handler] = {
 # late events of a conversation that is over, cues draining, events of no interest.
 _LATE = (p.SessionCreated, p.SessionUpdated, p.ServerError, p.SpeechStarted, p.SpeechStopped,
          p.AudioCommitted, p.ResponseCreated, p.OutputItemAdded, p.AudioDelta, p.AudioDone,
-         p.TranscriptDone, p.ResponseDone, SessionReady, Disconnected, PlaybackDrained,
-         PlaybackFlushed, ToolDone, EndRequested)
+         p.TranscriptDone, p.InputTranscript, p.ResponseDone, SessionReady, Disconnected,
+         PlaybackDrained, PlaybackFlushed, ToolDone, EndRequested)
 IGNORED: dict[State, tuple[type, ...]] = {
     S.IDLE: _LATE,
     S.ERROR: (*_LATE, WakeWordDetected),
@@ -814,16 +857,14 @@ IGNORED: dict[State, tuple[type, ...]] = {
     S.CONNECTING: (WakeWordDetected, PlaybackDrained, PlaybackFlushed, p.SpeechStarted,
                    p.SpeechStopped, p.SessionCreated, p.SessionUpdated, p.AudioCommitted,
                    p.ResponseCreated, p.OutputItemAdded, p.AudioDelta, p.AudioDone,
-                   p.TranscriptDone, p.ResponseDone),
+                   p.TranscriptDone, p.InputTranscript, p.ResponseDone),
     S.LISTENING: (WakeWordDetected, p.SpeechStopped, PlaybackDrained, SessionReady,
-                  p.OutputItemAdded, p.AudioDelta, p.AudioDone, p.TranscriptDone,
-                  p.SessionUpdated),
-    S.THINKING: (WakeWordDetected, p.SpeechStarted, p.SpeechStopped, p.AudioCommitted,
-                 PlaybackDrained, SessionReady, p.OutputItemAdded, p.AudioDelta,
-                 p.AudioDone, p.TranscriptDone, p.SessionUpdated),
-    S.RESPONDING: (p.SpeechStarted, p.SpeechStopped, p.AudioCommitted, SessionReady,
-                   p.ResponseCreated, p.SessionUpdated),
-    S.AUDIO_PLAYING: (p.SpeechStarted, p.SpeechStopped, p.AudioCommitted, SessionReady,
-                      p.OutputItemAdded, p.AudioDelta, p.AudioDone, p.TranscriptDone,
-                      p.SessionUpdated),
+                  p.OutputItemAdded, p.AudioDelta, p.AudioDone, p.SessionUpdated),
+    S.THINKING: (WakeWordDetected, p.SpeechStarted, p.SpeechStopped, PlaybackDrained,
+                 SessionReady, p.OutputItemAdded, p.AudioDelta, p.AudioDone,
+                 p.SessionUpdated),
+    S.RESPONDING: (p.SpeechStarted, p.SpeechStopped, SessionReady, p.ResponseCreated,
+                   p.SessionUpdated),
+    S.AUDIO_PLAYING: (p.SpeechStarted, p.SpeechStopped, SessionReady, p.OutputItemAdded,
+                      p.AudioDelta, p.AudioDone, p.SessionUpdated),
 }

@@ -20,7 +20,12 @@ What it does on each connection, as the real service does:
 - `response.create` while a response is active -> error
   `conversation_already_has_active_response`; otherwise plays the next `Reply`;
 - `response.cancel` -> the active reply stops, `response.done` status cancelled;
-- `conversation.item.create` -> `conversation.item.added`.
+- `conversation.item.create` -> `conversation.item.added`;
+- when the session.update asked for input transcription, each committed turn gets
+  `conversation.item.input_audio_transcription.completed` with the next text of
+  `heard` (right after the commit; with `late_transcripts=True` held until the first
+  audio of the last scripted reply, so that a turn's words arrive while a later turn
+  is answered, as the real service's separate ASR model may).
 
 A `Reply` streams `audio_ms` of 24 kHz audio (or the given `pcm`) as deltas of
 `chunk_ms` at `speed` times real time, its transcript, then `response.done` whose
@@ -109,8 +114,13 @@ def tone(ms: int, freq: float = 440.0, amplitude: int = 8000) -> bytes:
 class RealtimeServer:
     def __init__(self, *, replies: list[Reply] | None = None,
                  reject_status: int | list[int] | None = None, vad: bool = False,
-                 vad_threshold: float = 500.0, vad_silence_ms: int = 500) -> None:
+                 vad_threshold: float = 500.0, vad_silence_ms: int = 500,
+                 heard: list[str] | None = None, late_transcripts: bool = False) -> None:
         self.replies = list(replies or [])
+        self.heard = list(heard or [])
+        self.late_transcripts = late_transcripts
+        self.transcribing = False  # the session.update asked for input transcription
+        self._late: list[tuple[str, str]] = []  # (item id, text) due after the next audio
         self.reject_status = reject_status
         self.vad = vad
         self.vad_threshold = vad_threshold
@@ -270,6 +280,8 @@ class RealtimeServer:
     async def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == "session.update":
+            self.transcribing = bool(event.get("session", {}).get("audio", {})
+                                     .get("input", {}).get("transcription"))
             await self.send(rt.SessionUpdatedEvent(
                 type="session.updated", event_id=self._eid(),
                 session=rt.RealtimeSessionCreateRequest(type="realtime",
@@ -321,11 +333,24 @@ class RealtimeServer:
                 await self._commit()
 
     async def _commit(self) -> None:
+        item_id = f"item_{next(self._ids)}"
         await self.send(rt.InputAudioBufferCommittedEvent(
-            type="input_audio_buffer.committed", event_id=self._eid(),
-            item_id=f"item_{next(self._ids)}"))
+            type="input_audio_buffer.committed", event_id=self._eid(), item_id=item_id))
+        if self.transcribing and self.heard:
+            text = self.heard.pop(0)
+            if self.late_transcripts:
+                self._late.append((item_id, text))
+            else:
+                await self._transcribed(item_id, text)
         if not self.active_response:
             self._start_reply()
+
+    async def _transcribed(self, item_id: str, text: str) -> None:
+        await self.send(rt.ConversationItemInputAudioTranscriptionCompletedEvent(
+            type="conversation.item.input_audio_transcription.completed",
+            event_id=self._eid(), item_id=item_id, content_index=0, transcript=text,
+            usage=rt.conversation_item_input_audio_transcription_completed_event
+            .UsageTranscriptTextUsageDuration(type="duration", seconds=1.0)))
 
     def _start_reply(self) -> None:
         reply = self.replies.pop(0) if self.replies else Reply(audio_ms=200)
@@ -366,6 +391,8 @@ class RealtimeServer:
                 item_id=item_id, output_index=0, content_index=0,
                 delta=base64.b64encode(chunk).decode()))
             sent_ms += len(chunk) // 48
+            while self._late and not self.replies:  # late: after later answers began
+                await self._transcribed(*self._late.pop(0))
             if reply.drop_after_ms is not None and sent_ms >= reply.drop_after_ms:
                 self.drop(reset=reply.reset)
                 return

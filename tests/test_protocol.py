@@ -64,6 +64,16 @@ class TestBuilders:
                                  turn_detection="server_vad")
         CLIENT.validate_python(event)
 
+    def test_transcripts_ask_for_input_transcription_and_validate(self):
+        event = p.session_update(model="m", instructions="", voice="cedar",
+                                 turn_detection="server_vad",
+                                 transcription_model="gpt-4o-mini-transcribe")
+        model = CLIENT.validate_python(event)
+        assert model.session.audio.input.transcription.model == "gpt-4o-mini-transcribe"
+        plain = p.session_update(model="m", instructions="", voice="cedar",
+                                 turn_detection="server_vad")
+        assert "transcription" not in plain["session"]["audio"]["input"]
+
     def test_audio_is_base64_of_the_bytes(self):
         pcm = bytes(range(256)) * 4
         assert base64.b64decode(p.input_audio_append(pcm)["audio"]) == pcm
@@ -100,6 +110,10 @@ REAL_SHAPED = [
     (_ev(type="response.output_audio_transcript.done", event_id="e", response_id="r1",
          item_id="it", output_index=0, content_index=0, transcript="Hi."),
      p.TranscriptDone("r1", "it", "Hi.")),
+    (_ev(type="conversation.item.input_audio_transcription.completed", event_id="e",
+         item_id="u1", content_index=0, transcript="what time is it",
+         usage={"type": "duration", "seconds": 1.2}),
+     p.InputTranscript("u1", "what time is it")),
     (_ev(type="response.done", event_id="e", response={
         "id": "r1", "status": "completed", "output": [
             {"type": "message", "id": "it", "role": "assistant", "content": []},

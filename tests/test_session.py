@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -47,8 +48,7 @@ class Conv:
     """A session plus helpers that walk it to a given point of a conversation."""
 
     def __init__(self, **settings) -> None:
-        self.s = s.Session(s.Settings(**{**SETTINGS.__dict__, **settings})
-                           if settings else SETTINGS, strict=True)
+        self.s = s.Session(dataclasses.replace(SETTINGS, **settings), strict=True)
         self.timers: dict[str, int] = {}
 
     def feed(self, inp: object) -> list[tuple]:
@@ -558,6 +558,48 @@ class TestLogging:
             "listening"]
         assert changes[0].getMessage() == "idle -> connecting: wake word hey_jarvis"
         assert changes[-1].getMessage() == "audio_playing -> listening: response r1 played out"
+
+
+class TestTranscripts:
+    @staticmethod
+    def lines(caplog) -> list[tuple[str, str, str, str]]:
+        return [(r.getMessage(), r.SPEAKERD_EVENT, r.SPEAKERD_SESSION, r.SPEAKERD_TURN)
+                for r in caplog.records if getattr(r, "SPEAKERD_EVENT", "") in ("heard",
+                                                                                 "said")]
+
+    def test_each_turn_logs_what_was_heard_and_said_even_when_the_transcript_is_late(
+            self, caplog):
+        c = Conv(transcripts=True)
+        with caplog.at_level(logging.INFO, logger="speakerd.session"):
+            c.playing("r1", 500)  # turn 1 is item u1; its transcript has not come yet
+            assert c.feed(p.TranscriptDone("r1", "item_r1", "It is noon.")) == []
+            c.feed(s.PlaybackDrained("r1"))
+            c.feed(p.AudioCommitted("u2"))  # turn 2
+            c.feed(p.ResponseCreated("r2"))
+            # Late: turn 1's words arrive while turn 2 is being answered.
+            assert c.feed(p.InputTranscript("u1", "what time is it")) == []
+            c.feed(p.InputTranscript("u2", "and the date"))
+            c.feed(p.TranscriptDone("r2", "item_r2", "It is the first."))
+        assert self.lines(caplog) == [
+            ("said: It is noon.", "said", "1", "1"),
+            ("heard: what time is it", "heard", "1", "1"),
+            ("heard: and the date", "heard", "1", "2"),
+            ("said: It is the first.", "said", "1", "2")]
+
+    def test_nothing_is_logged_unless_asked_for(self, caplog):
+        c = Conv()
+        with caplog.at_level(logging.DEBUG, logger="speakerd.session"):
+            c.playing("r1", 500)
+            c.feed(p.InputTranscript("u1", "what time is it"))
+            c.feed(p.TranscriptDone("r1", "item_r1", "It is noon."))
+        assert self.lines(caplog) == []
+        assert "what time is it" not in caplog.text and "noon" not in caplog.text
+
+    def test_a_transcript_while_responding_keeps_the_response_alive(self):
+        c = Conv(transcripts=True)
+        c.responding("r1", 500)
+        assert c.feed(p.TranscriptDone("r1", "item_r1", "Okay.")) == [("timer", "response",
+                                                                     20.0)]
 
 
 def test_session_module_imports_nothing_that_does_io():

@@ -21,7 +21,7 @@ from speakerd.realtime import protocol as p
 from speakerd.session import State
 
 MARGIN = 2.0
-SETTINGS = s.Settings(audio_margin_seconds=MARGIN)
+SETTINGS = s.Settings(audio_margin_seconds=MARGIN, transcripts=True)
 ENDED = (State.IDLE, State.ERROR)
 SURVIVABLE = [("invalid_request_error", "conversation_already_has_active_response"),
               ("invalid_request_error", "invalid_value"), ("server_error", None),
@@ -306,7 +306,8 @@ class SessionMachine(RuleBasedStateMachine):
                        data.draw(st.booleans()), data.draw(st.sampled_from(
                            ["", *p.SITUATIONS[:-1]])))),
                    ("stray_event", lambda: self.stray_event(data.draw(st.sampled_from(
-                       ["session.updated", "speech_stopped", "late_audio", "late_done"])))),
+                       ["session.updated", "speech_stopped", "late_audio", "late_done",
+                        "heard", "said", "said_old"])))),
                    ("drained_twice_or_early", lambda: self.drained_twice_or_early(
                        data.draw(st.sampled_from(["r0", "r1", "cue:wake"])))),
                    ("flushed", lambda: self.flushed(data.draw(st.integers(0, 5000))))]
@@ -364,8 +365,16 @@ class SessionMachine(RuleBasedStateMachine):
         """Events of an old response or a closed socket, which must change nothing."""
         inp = {"session.updated": p.SessionUpdated(), "speech_stopped": p.SpeechStopped("u"),
                "late_audio": p.AudioDelta("old", "x", 0, b"\x00\x00"),
-               "late_done": p.ResponseDone("old", "cancelled", ())}[kind]
-        self.feed(inp)
+               "late_done": p.ResponseDone("old", "cancelled", ()),
+               # Transcripts come when they are ready: before or after the answer began.
+               "heard": p.InputTranscript("u", "what time is it"),
+               "said": p.TranscriptDone(self.server_active or "r0", "x", "It is noon."),
+               "said_old": p.TranscriptDone("old", "x", "Earlier.")}[kind]
+        before = self.s.state
+        actions = self.feed(inp)
+        if kind in ("heard", "said", "said_old"):  # a transcript is a log line, nothing more
+            assert self.s.state is before
+            assert all(isinstance(a, (s.StartTimer, s.CancelTimer)) for a in actions), actions
 
     # --- the speaker, the tools, the clock -----------------------------------------------
 

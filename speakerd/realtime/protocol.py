@@ -30,9 +30,11 @@ def _event(type_: str, **fields: Any) -> dict[str, Any]:
 
 
 def session_update(*, model: str, instructions: str, voice: str, turn_detection: str,
-                   tools: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
-    """The first event after session.created: audio formats, VAD, voice and tools."""
-    return _event("session.update", session={
+                   tools: Iterable[Mapping[str, Any]] = (),
+                   transcription_model: str = "") -> dict[str, Any]:
+    """The first event after session.created: audio formats, VAD, voice and tools;
+    with `transcription_model`, the user's turns are transcribed too (for the log)."""
+    event = _event("session.update", session={
         "type": "realtime",
         "model": model,
         "output_modalities": ["audio"],
@@ -52,6 +54,9 @@ def session_update(*, model: str, instructions: str, voice: str, turn_detection:
         "tools": [dict(t) for t in tools],
         "tool_choice": "auto",
     })
+    if transcription_model:
+        event["session"]["audio"]["input"]["transcription"] = {"model": transcription_model}
+    return event
 
 
 def input_audio_append(pcm: bytes) -> dict[str, Any]:
@@ -165,6 +170,15 @@ class TranscriptDone:
 
 
 @dataclass(frozen=True, slots=True)
+class InputTranscript:
+    """What the user said in item `item_id`, as the server's transcription heard it;
+    it may come before or after the response to that turn has begun."""
+
+    item_id: str
+    transcript: str
+
+
+@dataclass(frozen=True, slots=True)
 class FunctionCall:
     call_id: str
     name: str
@@ -196,13 +210,13 @@ class Unknown:
 
 ServerEvent = (SessionCreated | SessionUpdated | ServerError | SpeechStarted | SpeechStopped
                | AudioCommitted | ResponseCreated | OutputItemAdded | AudioDelta | AudioDone
-               | TranscriptDone | ResponseDone | Ignored | Unknown)
+               | TranscriptDone | InputTranscript | ResponseDone | Ignored | Unknown)
 
 # Types in openai.types.realtime.RealtimeServerEvent that speakerd reads no field of.
 IGNORED_TYPES = frozenset({
     "conversation.created", "conversation.item.created", "conversation.item.deleted",
     "conversation.item.retrieved", "conversation.item.truncated", "conversation.item.added",
-    "conversation.item.done", "conversation.item.input_audio_transcription.completed",
+    "conversation.item.done",
     "conversation.item.input_audio_transcription.delta",
     "conversation.item.input_audio_transcription.failed",
     "conversation.item.input_audio_transcription.segment",
@@ -320,6 +334,8 @@ _PARSERS = {
     "response.output_audio_transcript.done": lambda r: TranscriptDone(
         r.str("response_id"), r.str("item_id"), r.str("transcript")),
     "response.done": _response_done,
+    "conversation.item.input_audio_transcription.completed": lambda r: InputTranscript(
+        r.str("item_id"), r.get("transcript", str, optional=True) or ""),
 }
 HANDLED_TYPES = frozenset(_PARSERS)
 
