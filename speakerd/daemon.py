@@ -26,6 +26,7 @@ from speakerd.buttons import Buttons
 from speakerd.errors import EX_SOFTWARE, ConfigError, UnavailableError
 from speakerd.leds import Leds
 from speakerd.notify import Notifier
+from speakerd.phrase_cache import PhraseCache
 from speakerd.realtime import client as clientmod
 from speakerd.realtime import protocol
 from speakerd.tools import Registry, plugins
@@ -94,6 +95,8 @@ class Daemon:
         # systemd's StateDirectory=; by hand, mute is simply not remembered.
         state = state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
         self.mute_file = Path(state) / "muted" if state else None
+        # The phrases in the assistant's voice; by hand (no state directory), none.
+        self.phrase_cache = PhraseCache(Path(state) / "phrases") if state else None
         muted = bool(config.buttons.remember_mute and self.mute_file
                      and self.mute_file.exists())
         self.session = s.Session(session_settings(config), muted=muted)
@@ -117,7 +120,7 @@ class Daemon:
         self._mic_resampler: resample.Resampler | None = None
         self._cue_ids = itertools.count(1)
         self._cues = cuesmod.make_cues()
-        self.phrases = phrasesmod.Phrases(config.phrases)
+        self.phrases = self._make_phrases(config)
         self.capture: capmod.Capture | None = None
         self.playback: pbmod.Playback | None = None
         self.detector: Detector | None = None
@@ -243,6 +246,11 @@ class Daemon:
             self.mcp.config_path = self.config.path
             self.mcp.update(self.config.mcp)
 
+    def _make_phrases(self, config: configmod.Config) -> phrasesmod.Phrases:
+        phrases = phrasesmod.Phrases(config.phrases, self.phrase_cache, config.realtime.voice)
+        phrases.load_cached()
+        return phrases
+
     def request_stop(self, why: str = "request", exit_code: int = 0) -> None:
         """Wind down and make run() return `exit_code` (non-zero: systemd restarts us)."""
         if not self._stop.is_set():
@@ -264,8 +272,9 @@ class Daemon:
         if key:
             self.redact.add(key.reveal())
             self.api_key = key
-        if new.phrases != self.config.phrases:
-            self.phrases = phrasesmod.Phrases(new.phrases)
+        if (new.phrases, new.realtime.voice) != (self.config.phrases,
+                                                  self.config.realtime.voice):
+            self.phrases = self._make_phrases(new)
             self._spawn(self.phrases.render(), "phrases")
         self.config = new
         self._update_mcp()
@@ -416,9 +425,15 @@ class Daemon:
     def _from_client(self, client: clientmod.RealtimeClient, event: object) -> None:
         if client is not self._client:
             return  # a socket of an earlier conversation, still closing
+        if self.phrases.take(event):
+            return  # a phrase being recorded, outside the conversation
         self.stats.realtime(event, client.ready)
         if isinstance(event, clientmod.Ready):
             self.put(s.SessionReady())
+            # Idle and cheap now, before the user's turn: record one missing phrase.
+            ask = self.phrases.ask()
+            if ask is not None:
+                client.send(ask)
         elif isinstance(event, clientmod.Disconnected):
             self._client = None
             self.put(s.Disconnected(event.reason, event.unrecoverable, event.cause))
@@ -444,6 +459,7 @@ class Daemon:
             url=c.url, model=c.model, api_key=self.api_key, session_update=update,
             on_event=lambda event: self._from_client(client, event))
         self._client = client
+        self.phrases.forget_recordings()
 
         async def run() -> None:
             try:

@@ -1,8 +1,10 @@
 """Spoken status phrases: the words for what went wrong, as 24 kHz s16 mono PCM.
 
 The voice, best first: the assistant's own (a model-voice recording kept in the
-state directory, see speakerd/phrase_cache.py), else espeak-ng rendered once at
-start-up into memory, else nothing (the caller plays the error earcon).
+state directory, see speakerd/phrase_cache.py, recorded by asking the model to say
+each phrase once, out of band, right after a conversation's session is up), else
+espeak-ng rendered once at start-up into memory, else nothing (the caller plays the
+error earcon).
 """
 
 from __future__ import annotations
@@ -10,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import shutil
 import wave
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import soxr
 
 from speakerd.audio.resample import float_to_s16
 from speakerd.config import PhrasesConfig
+from speakerd.phrase_cache import PhraseCache
 from speakerd.realtime import protocol
 
 log = logging.getLogger(__name__)
@@ -67,14 +73,112 @@ async def espeak(text: str, voice: str, timeout: float = 20.0) -> bytes:
         raise ValueError(f"not a WAV file: {e}") from None
 
 
-class Phrases:
-    """The phrases to say. `await render()` once at start-up; then `pcm(situation)`."""
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"[a-z0-9']+", text.lower()))
 
-    def __init__(self, config: PhrasesConfig) -> None:
+
+@dataclass
+class _Recording:
+    situation: str
+    text: str
+    pcm: bytearray = field(default_factory=bytearray)
+    transcript: str = ""
+
+
+class Phrases:
+    """The phrases to say. `await render()` once at start-up; then `pcm(situation)`.
+
+    With a `cache` (the state directory), the assistant's own `voice` is preferred:
+    `load_cached()` at start-up; `ask()` when a conversation's session is up gives the
+    out-of-band response.create for one phrase not yet recorded (each phrase and voice
+    is asked for at most once per run), and `take(event)` claims that response's
+    events, which are not the conversation's, and stores the recording when it is done.
+    """
+
+    def __init__(self, config: PhrasesConfig, cache: PhraseCache | None = None,
+                 voice: str = "") -> None:
         self.config = config
         self.texts = texts(config)
+        self.cache = cache
+        self.voice = voice
         self.espeak: dict[str, bytes] = {}  # situation -> PCM, for the current texts
         self.model_voice: dict[str, bytes] = {}  # situation -> PCM in the assistant's voice
+        self._asked: set[tuple[str, str]] = set()  # (voice, text) asked for in this run
+        self._recordings: dict[str, _Recording] = {}  # response id -> what is coming
+
+    # --- the assistant's voice ------------------------------------------------------
+
+    def load_cached(self) -> None:
+        """Read the recordings of the current phrases in the current voice, if any."""
+        if self.cache is None:
+            return
+        for situation, text in self.texts.items():
+            pcm = self.cache.load(self.voice, text)
+            if pcm is not None:
+                self.model_voice[situation] = pcm
+        if self.model_voice:
+            log.info("status phrases in the assistant's voice (%s): %s", self.voice,
+                     ", ".join(self.model_voice))
+
+    def ask(self) -> dict[str, Any] | None:
+        """The response.create that records one missing phrase, or None: nothing to ask."""
+        if self.cache is None:
+            return None
+        for situation, text in self.texts.items():
+            if situation in self.model_voice or (self.voice, text) in self._asked:
+                continue
+            self._asked.add((self.voice, text))
+            log.info("asking the model to say the %s phrase in voice %s, to keep it",
+                     situation, self.voice)
+            return protocol.phrase_response(text, self.voice, situation)
+        return None
+
+    def take(self, event: object) -> bool:
+        """True when `event` belongs to a phrase recording (the caller then drops it)."""
+        if isinstance(event, protocol.ResponseCreated) and event.phrase:
+            text = self.texts.get(event.phrase)
+            if text is not None:
+                self._recordings[event.response_id] = _Recording(event.phrase, text)
+            return True
+        rec = self._recordings.get(getattr(event, "response_id", None) or "")
+        if rec is None:
+            return False
+        if isinstance(event, protocol.AudioDelta):
+            rec.pcm += event.pcm
+        elif isinstance(event, protocol.TranscriptDone):
+            rec.transcript = event.transcript
+        elif isinstance(event, protocol.ResponseDone):
+            del self._recordings[event.response_id]
+            self._keep(rec, event.status)
+        return True
+
+    def forget_recordings(self) -> None:
+        """The socket is gone: recordings under way will not finish."""
+        self._recordings.clear()
+
+    def _keep(self, rec: _Recording, status: str) -> None:
+        if status != "completed" or not rec.pcm:
+            log.warning("the model's recording of the %s phrase ended %s with %d ms of "
+                        "audio; not kept", rec.situation, status,
+                        len(rec.pcm) // protocol.BYTES_PER_MS)
+            return
+        if _words(rec.transcript) != _words(rec.text):
+            log.warning("the model did not say the %s phrase verbatim (it said %r); not "
+                        "kept", rec.situation, rec.transcript)
+            return
+        pcm = bytes(rec.pcm)
+        self.model_voice[rec.situation] = pcm
+        assert self.cache is not None
+        try:
+            path = self.cache.store(self.voice, rec.text, pcm)
+        except OSError as e:
+            log.warning("could not keep the %s phrase in %s: %s; it is used until "
+                        "speakerd stops", rec.situation, self.cache.directory, e)
+            return
+        log.info("recorded the %s phrase in the assistant's voice (%s, %.1f s) in %s",
+                 rec.situation, self.voice, len(pcm) / protocol.BYTES_PER_MS / 1000, path)
+
+    # --- espeak-ng ----------------------------------------------------------------------
 
     async def render(self) -> None:
         """Render every phrase with espeak-ng into memory; a failure is logged, not raised."""

@@ -19,6 +19,10 @@ What it does on each connection, as the real service does:
   energy of appended audio and does speech_started/stopped/committed itself;
 - `response.create` while a response is active -> error
   `conversation_already_has_active_response`; otherwise plays the next `Reply`;
+  an out-of-band one (`conversation: "none"`) is recorded in `out_of_band` and, with
+  `phrase_audio`, answered alongside: it says the text quoted in its instructions
+  (`phrase_audio(text)` as its audio, the text as its transcript), its metadata
+  echoed in response.created;
 - `response.cancel` -> the active reply stops, `response.done` status cancelled;
 - `conversation.item.create` -> `conversation.item.added`;
 - when the session.update asked for input transcription, each committed turn gets
@@ -115,8 +119,12 @@ class RealtimeServer:
     def __init__(self, *, replies: list[Reply] | None = None,
                  reject_status: int | list[int] | None = None, vad: bool = False,
                  vad_threshold: float = 500.0, vad_silence_ms: int = 500,
-                 heard: list[str] | None = None, late_transcripts: bool = False) -> None:
+                 heard: list[str] | None = None, late_transcripts: bool = False,
+                 phrase_audio: Any = None) -> None:
         self.replies = list(replies or [])
+        self.phrase_audio = phrase_audio  # text -> 24 kHz PCM, for out-of-band responses
+        self.out_of_band: list[dict[str, Any]] = []  # their `response` params, in order
+        self._oob_tasks: set[asyncio.Task[None]] = set()
         self.heard = list(heard or [])
         self.late_transcripts = late_transcripts
         self.transcribing = False  # the session.update asked for input transcription
@@ -159,6 +167,8 @@ class RealtimeServer:
         assert self._server is not None
         if self._reply_task:
             self._reply_task.cancel()
+        for task in self._oob_tasks:
+            task.cancel()
         for ws in self.deaf:  # let them see the close handshake or the reset
             ws.transport.resume_reading()
         self._server.close()
@@ -290,6 +300,17 @@ class RealtimeServer:
             await self._vad(base64.b64decode(event["audio"]))
         elif kind == "input_audio_buffer.commit":
             await self._commit()
+        elif kind == "response.create" and (event.get("response") or {}).get(
+                "conversation") == "none":
+            params = event["response"]
+            self.out_of_band.append(params)
+            if self.phrase_audio is not None:
+                quoted = params["instructions"]
+                text = json.loads(quoted[quoted.index(': "') + 2:])
+                rid = f"resp_{next(self._ids)}"
+                self._oob_tasks.add(asyncio.create_task(self._play_oob(
+                    Reply(pcm=self.phrase_audio(text), transcript=text), rid,
+                    params.get("metadata") or {})))
         elif kind == "response.create":
             if self.active_response:
                 await self.error("conversation_already_has_active_response",
@@ -367,11 +388,19 @@ class RealtimeServer:
             if self.active_response == rid:
                 self.active_response = None
 
-    async def _play_reply(self, reply: Reply, rid: str) -> None:
+    async def _play_oob(self, reply: Reply, rid: str, metadata: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._play_reply(reply, rid, metadata)
+
+    async def _play_reply(self, reply: Reply, rid: str,
+                          metadata: dict[str, Any] | None = None) -> None:
+        """One response; with `metadata`, an out-of-band one, beside the conversation's."""
+        oob = metadata is not None
         item_id = f"item_{next(self._ids)}"
         await self.send(rt.ResponseCreatedEvent(
             type="response.created", event_id=self._eid(),
-            response=rt.RealtimeResponse(id=rid, status="in_progress", output=[])))
+            response=rt.RealtimeResponse(id=rid, status="in_progress", output=[],
+                                         metadata=metadata)))
         message = rt.RealtimeConversationItemAssistantMessage(
             type="message", role="assistant", id=item_id, content=[])
         await self.send(rt.ResponseOutputItemAddedEvent(
@@ -382,7 +411,7 @@ class RealtimeServer:
         sent_ms = 0
         status = reply.status
         for start in range(0, len(pcm), step):
-            if self._cancel.is_set():
+            if self._cancel.is_set() and not oob:
                 status = "cancelled"
                 break
             chunk = pcm[start:start + step]
@@ -391,7 +420,7 @@ class RealtimeServer:
                 item_id=item_id, output_index=0, content_index=0,
                 delta=base64.b64encode(chunk).decode()))
             sent_ms += len(chunk) // 48
-            while self._late and not self.replies:  # late: after later answers began
+            while self._late and not self.replies and not oob:  # late: after later answers
                 await self._transcribed(*self._late.pop(0))
             if reply.drop_after_ms is not None and sent_ms >= reply.drop_after_ms:
                 self.drop(reset=reply.reset)
@@ -401,7 +430,7 @@ class RealtimeServer:
                 return
             # Paced, but ahead of real time; the cancel event cuts the wait short.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._cancel.wait(),
+                await asyncio.wait_for(asyncio.Event().wait() if oob else self._cancel.wait(),
                                        len(chunk) / 48 / 1000 / reply.speed)
         if status != "cancelled":
             await self.send(rt.ResponseAudioDoneEvent(
@@ -430,7 +459,9 @@ class RealtimeServer:
             details = rt.RealtimeResponseStatus(
                 type="failed", error=rt.realtime_response_status.Error(
                     type=reply.error[0], code=reply.error[1]))
-        self.active_response = None
+        if not oob:
+            self.active_response = None
         await self.send(rt.ResponseDoneEvent(
             type="response.done", event_id=self._eid(), response=rt.RealtimeResponse(
-                id=rid, status=status, output=output, status_details=details)))
+                id=rid, status=status, output=output, status_details=details,
+                metadata=metadata)))

@@ -85,6 +85,24 @@ def response_create() -> dict[str, Any]:
     return _event("response.create")
 
 
+PHRASE_METADATA = "speakerd_phrase"  # response.metadata key marking a phrase recording
+
+
+def phrase_response(text: str, voice: str, situation: str) -> dict[str, Any]:
+    """An out-of-band response (outside the conversation, with no context) in which the
+    model says `text` verbatim in `voice`: a status phrase, recorded for later."""
+    return _event("response.create", response={
+        "conversation": "none",
+        "input": [],
+        "output_modalities": ["audio"],
+        "instructions": ("Say exactly the following words, verbatim, calmly and kindly, "
+                         "and nothing else: " + json.dumps(text)),
+        "audio": {"output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
+                             "voice": voice}},
+        "metadata": {PHRASE_METADATA: situation},
+    })
+
+
 def response_cancel(response_id: str | None = None) -> dict[str, Any]:
     return _event("response.cancel", **({"response_id": response_id} if response_id else {}))
 
@@ -139,6 +157,7 @@ class AudioCommitted:
 @dataclass(frozen=True, slots=True)
 class ResponseCreated:
     response_id: str
+    phrase: str = ""  # an out-of-band phrase recording: its situation (see phrase_response)
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +345,9 @@ _PARSERS = {
     "input_audio_buffer.speech_started": lambda r: SpeechStarted(r.str("item_id")),
     "input_audio_buffer.speech_stopped": lambda r: SpeechStopped(r.str("item_id")),
     "input_audio_buffer.committed": lambda r: AudioCommitted(r.str("item_id")),
-    "response.created": lambda r: ResponseCreated(r.str("response.id")),
+    "response.created": lambda r: ResponseCreated(
+        r.str("response.id"),
+        r.get(f"response.metadata.{PHRASE_METADATA}", str, optional=True) or ""),
     "response.output_item.added": lambda r: OutputItemAdded(
         r.str("response_id"), r.str("item.id"), r.str("item.type")),
     "response.output_audio.delta": _audio_delta,
