@@ -29,6 +29,7 @@ from speakerd.notify import Notifier
 from speakerd.phrase_cache import PhraseCache
 from speakerd.realtime import client as clientmod
 from speakerd.realtime import protocol
+from speakerd.realtime import reach as reachmod
 from speakerd.tools import Registry, plugins
 from speakerd.tools import timers as timermod
 from speakerd.tools import volume as volmod
@@ -117,6 +118,7 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._client: clientmod.RealtimeClient | None = None
+        self._retrying: asyncio.Task[Any] | None = None  # the service, in the background
         self._mic_resampler: resample.Resampler | None = None
         self._cue_ids = itertools.count(1)
         self._cues = cuesmod.make_cues()
@@ -460,6 +462,9 @@ class Daemon:
             on_event=lambda event: self._from_client(client, event))
         self._client = client
         self.phrases.forget_recordings()
+        if self._retrying is not None:
+            self._retrying.cancel()  # this conversation tries for real
+            self._retrying = None
 
         async def run() -> None:
             try:
@@ -499,17 +504,32 @@ class Daemon:
     def _say(self, a: s.SayPhrase) -> None:
         got = self.phrases.pcm(a.situation)
         if got is None:
+            self._retry_in_background(a.situation)
             if a.fallback_cue:
                 self._cue(s.PlayCue(a.fallback_cue))
             return
         pcm, voice = got
         assert self.playback
+        self._retry_in_background(a.situation)
         log.info("saying the %s phrase (%s, %.1f s)", a.situation, voice,
                  len(pcm) / protocol.BYTES_PER_MS / 1000,
                  extra=logmod.fields(event="phrase"))
         rid = f"cue:phrase:{a.situation}:{next(self._cue_ids)}"
         self.playback.enqueue(pcm, rid)
         self.playback.finish(rid)
+
+    def _retry_in_background(self, situation: str) -> None:
+        """The person was told the service cannot be reached: keep trying it quietly, so
+        the journal says when it is back (retries never happen in front of the person)."""
+        if situation != protocol.UNREACHABLE or self._retrying is not None:
+            return
+        self._retrying = self._spawn(reachmod.until_reachable(self.config.realtime.url),
+                                     "realtime-retry")
+        self._retrying.add_done_callback(self._retry_ended)
+
+    def _retry_ended(self, task: asyncio.Task[Any]) -> None:
+        if self._retrying is task:
+            self._retrying = None
 
     def _stream(self, a: s.StreamMic) -> None:
         assert self.capture

@@ -64,14 +64,14 @@ def find(recording: np.ndarray, template: np.ndarray) -> tuple[int, float]:
 
 
 @contextmanager
-def port(listen: bool) -> Iterator[int]:
-    """A loopback port where nothing listens (refused), or where the kernel accepts TCP
-    connections that nobody ever answers (listen=True)."""
+def port(listen: bool) -> Iterator[socket.socket]:
+    """A socket on a loopback port where nothing listens (refused), or where the kernel
+    accepts TCP connections that nobody ever answers (listen=True)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         if listen:
             s.listen()
-        yield s.getsockname()[1]
+        yield s
 
 
 async def heard_phrase(pulse, start: int, phrase: np.ndarray
@@ -136,16 +136,20 @@ async def test_a_failed_connection_is_told_in_words_within_its_bound(
         tmp_path, prerequisites, case, url, situation, bound, cause) -> None:
     pulse = prerequisites
     server = RealtimeServer(reject_status=STATUS.get(case))
-    with port(listen=case == "no-handshake") as free:
+    with port(listen=case == "no-handshake") as sock:
         async with server:
             spk = Speaker(tmp_path, pulse, server, "[cues]\nend = false\n")
-            spk.config.write_text(spk.config.read_text().replace(server.url,
-                                                                  url(server, free)))
+            spk.config.write_text(spk.config.read_text().replace(
+                server.url, url(server, sock.getsockname()[1])))
             await spk.start()
             try:
                 await spk.wait_log("status phrases ready")
                 seconds, from_clip, match = await told(spk, pulse, tmp_path, situation)
                 await spk.wait_log("error -> idle: error shown")
+                if case == "refused":  # the service comes back: the background retry says so
+                    sock.listen()
+                    await spk.wait_log("the realtime service at 127.0.0.1 answers again",
+                                       timeout=30)
             finally:
                 assert spk.stop() == 0
     print(f"\n{case}: the {situation} phrase began {seconds:.2f} s after the wake cue, "

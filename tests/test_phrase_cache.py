@@ -190,10 +190,10 @@ async def test_made_once_per_phrase_and_voice_kept_across_restarts_and_remade_wh
     assert cache.load("marin", TEXT) == voice_of_the_model(TEXT)
 
     # 2. After a restart, offline: the recording is what the person hears, byte for byte.
-    with port(listen=False) as free:
+    with port(listen=False) as sock:
         async with RealtimeServer() as unused:
-            spk = Stateful(tmp_path, pulse, unused, state,
-                           PHRASES, url=f"ws://127.0.0.1:{free}/v1/realtime")
+            spk = Stateful(tmp_path, pulse, unused, state, PHRASES,
+                           url=f"ws://127.0.0.1:{sock.getsockname()[1]}/v1/realtime")
             await spk.start()
             try:
                 start = len(pulse.speaker_bytes()) // 2
