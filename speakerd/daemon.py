@@ -189,11 +189,12 @@ class Daemon:
         if self.notifier.watchdog_interval:
             self._spawn(self._watchdog(), "watchdog")
         self._spawn(timermod.run(self.timers, self.ringer, self._timers_changed), "timers")
-        self._spawn(self.phrases.render(), "phrases")
         self._update_mcp()
         worker = self._spawn(self._work(), "session")
         await self._start_control()
         self._log_startup()
+        # In the background, after the start line: a few espeak-ng runs, ~0.1 s here.
+        self._spawn(self.phrases.render(), "phrases")
         self.notifier.ready(self._status_text(
             s.STATUS[s.State.IDLE] + (" (muted)" if self.session.muted else "")))
         try:
