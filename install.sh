@@ -82,6 +82,8 @@ install_packages() {
     # Build dependencies of pyalsaaudio and systemd-python, and the venv itself.
     apt_install python3 python3-venv python3-dev gcc pkg-config \
         libasound2-dev libsystemd-dev alsa-utils
+    # The voice of the spoken status phrases ("Sorry, I can't reach the internet").
+    apt_install espeak-ng
     # gpiozero drives pins through lgpio. PyPI has lgpio wheels only for some
     # Pythons (none for 3.13, trixie's), so use the distro's package through
     # the venv's --system-site-packages on every release.

@@ -235,6 +235,9 @@ async def soak(tmp: Path, pulse: audio_devices.Pulse, conversations: int, *,
         d = Daemon(tmp, pulse, server, FAST, command)
         await d.start()
         try:
+            # espeak-ng renders the status phrases just after the start (a child process,
+            # its pipes and asyncio's watcher thread): count from once that is done.
+            await d.expect("status phrases ready", timeout=30)
             checkpoints.append((0, Holdings.of(d.pid)))
             report(f"{0:4d} conversations  {checkpoints[-1][1]}")
             started = time.monotonic()

@@ -162,6 +162,26 @@ class ToolsConfig:
 class LogConfig:
     level: str = _opt("info", "journal verbosity",
                       choices=("debug", "info", "warning", "error"))
+    transcripts: bool = _opt(False, "log what was heard and said (private: off by default)")
+    transcription_model: str = _opt("gpt-4o-mini-transcribe", "the realtime service's model "
+                                    "that transcribes the user's turns (transcripts only)")
+
+
+@dataclass(frozen=True, slots=True)
+class PhrasesConfig:
+    """What the speaker says when something is wrong; "" says nothing for that case."""
+
+    enabled: bool = _opt(True, "say status phrases; false: the error earcon only")
+    espeak_voice: str = _opt("en-us", "espeak-ng voice for the phrases (espeak-ng --voices)")
+    unreachable: str = _opt("Sorry, I can't reach the internet right now.",
+                            "no network, no answer, or too slow")
+    key_refused: str = _opt("Sorry, the assistant service refused my key.",
+                            "the API key was refused")
+    quota: str = _opt("Sorry, the assistant service is out of credit or too busy right now.",
+                      "out of quota or rate-limited")
+    failed: str = _opt("Sorry, something went wrong with the assistant service.",
+                       "the service failed, mid-answer or otherwise")
+    muted: str = _opt("The microphone is off.", "the talk button pressed while muted")
 
 
 MCP_TRANSPORTS = ("auto", "streamable_http", "sse")
@@ -195,6 +215,7 @@ class Config:
     buttons: ButtonsConfig = field(default_factory=ButtonsConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    phrases: PhrasesConfig = field(default_factory=PhrasesConfig)
     mcp: tuple[McpServerConfig, ...] = ()
     path: str = DEFAULT_PATH
     # Dotted keys whose values came from [hardware] preset, not from the file.
@@ -205,7 +226,8 @@ class Config:
 _SECTION_TYPES = {"audio": AudioConfig, "wake_word": WakeWordConfig,
                   "realtime": RealtimeConfig, "conversation": ConversationConfig,
                   "cues": CuesConfig, "hardware": HardwareConfig, "leds": LedsConfig,
-                  "buttons": ButtonsConfig, "tools": ToolsConfig, "log": LogConfig}
+                  "buttons": ButtonsConfig, "tools": ToolsConfig, "log": LogConfig,
+                  "phrases": PhrasesConfig}
 
 
 def default_path(environ: Mapping[str, str] | None = None) -> str:

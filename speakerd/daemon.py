@@ -16,6 +16,7 @@ from speakerd import announce as announcemod
 from speakerd import config as configmod
 from speakerd import control as controlmod
 from speakerd import log as logmod
+from speakerd import phrases as phrasesmod
 from speakerd import session as s
 from speakerd.audio import capture as capmod
 from speakerd.audio import cues as cuesmod
@@ -27,8 +28,10 @@ from speakerd.buttons import Buttons
 from speakerd.errors import EX_SOFTWARE, ConfigError, UnavailableError
 from speakerd.leds import Leds
 from speakerd.notify import Notifier
+from speakerd.phrase_cache import PhraseCache
 from speakerd.realtime import client as clientmod
 from speakerd.realtime import protocol
+from speakerd.realtime import reach as reachmod
 from speakerd.tools import Registry, plugins
 from speakerd.tools import timers as timermod
 from speakerd.tools import volume as volmod
@@ -55,7 +58,8 @@ def session_settings(c: configmod.Config) -> s.Settings:
     return s.Settings(follow_up_seconds=c.conversation.follow_up_seconds,
                       follow_up_guard_ms=c.audio.follow_up_guard_ms,
                       max_session_seconds=c.conversation.max_session_seconds,
-                      wake_cue=c.cues.wake, end_cue=c.cues.end)
+                      wake_cue=c.cues.wake, end_cue=c.cues.end,
+                      transcripts=c.log.transcripts)
 
 
 WAKE_WORD_IGNORED = (s.State.CONNECTING, s.State.LISTENING)
@@ -97,6 +101,8 @@ class Daemon:
         # systemd's StateDirectory=; by hand, mute is simply not remembered.
         state = state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
         self.mute_file = Path(state) / "muted" if state else None
+        # The phrases in the assistant's voice; by hand (no state directory), none.
+        self.phrase_cache = PhraseCache(Path(state) / "phrases") if state else None
         muted = bool(config.buttons.remember_mute and self.mute_file
                      and self.mute_file.exists())
         self.session = s.Session(session_settings(config), muted=muted)
@@ -117,9 +123,11 @@ class Daemon:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._client: clientmod.RealtimeClient | None = None
+        self._retrying: asyncio.Task[Any] | None = None  # the service, in the background
         self._mic_resampler: resample.Resampler | None = None
         self._cue_ids = itertools.count(1)
         self._cues = cuesmod.make_cues()
+        self.phrases = self._make_phrases(config)
         self.capture: capmod.Capture | None = None
         self.playback: pbmod.Playback | None = None
         self.detector: Detector | None = None
@@ -134,7 +142,8 @@ class Daemon:
         self._handlers: dict[type, Any] = {
             s.Connect: self._connect, s.CloseConnection: self._close,
             s.Send: self._send, s.PlayAudio: self._play, s.FinishAudio: self._finish,
-            s.FlushPlayback: self._flush, s.PlayCue: self._cue, s.StreamMic: self._stream,
+            s.FlushPlayback: self._flush, s.PlayCue: self._cue, s.SayPhrase: self._say,
+            s.StreamMic: self._stream,
             s.SetWakeWord: self._set_wake_word, s.ResetWakeWord: self._reset_wake_word,
             s.RunTool: self._run_tool, s.StartTimer: self._start_timer,
             s.CancelTimer: self._cancel_timer, s.SetLeds: self._leds,
@@ -191,6 +200,8 @@ class Daemon:
         worker = self._spawn(self._work(), "session")
         await self._start_control()
         self._log_startup()
+        # In the background, after the start line: a few espeak-ng runs, ~0.1 s here.
+        self._spawn(self.phrases.render(), "phrases")
         self.notifier.ready(self._status_text(
             s.STATUS[s.State.IDLE] + (" (muted)" if self.session.muted else "")))
         try:
@@ -245,6 +256,11 @@ class Daemon:
             self.mcp.config_path = self.config.path
             self.mcp.update(self.config.mcp)
 
+    def _make_phrases(self, config: configmod.Config) -> phrasesmod.Phrases:
+        phrases = phrasesmod.Phrases(config.phrases, self.phrase_cache, config.realtime.voice)
+        phrases.load_cached()
+        return phrases
+
     def request_stop(self, why: str = "request", exit_code: int = 0) -> None:
         """Wind down and make run() return `exit_code` (non-zero: systemd restarts us)."""
         if not self._stop.is_set():
@@ -266,6 +282,10 @@ class Daemon:
         if key:
             self.redact.add(key.reveal())
             self.api_key = key
+        if (new.phrases, new.realtime.voice) != (self.config.phrases,
+                                                  self.config.realtime.voice):
+            self.phrases = self._make_phrases(new)
+            self._spawn(self.phrases.render(), "phrases")
         self.config = new
         self._update_mcp()
         # Takes effect from the next conversation; devices and models stay as opened.
@@ -436,12 +456,18 @@ class Daemon:
     def _from_client(self, client: clientmod.RealtimeClient, event: object) -> None:
         if client is not self._client:
             return  # a socket of an earlier conversation, still closing
+        if self.phrases.take(event):
+            return  # a phrase being recorded, outside the conversation
         self.stats.realtime(event, client.ready)
         if isinstance(event, clientmod.Ready):
             self.put(s.SessionReady())
+            # Idle and cheap now, before the user's turn: record one missing phrase.
+            ask = self.phrases.ask()
+            if ask is not None:
+                client.send(ask)
         elif isinstance(event, clientmod.Disconnected):
             self._client = None
-            self.put(s.Disconnected(event.reason, event.unrecoverable))
+            self.put(s.Disconnected(event.reason, event.unrecoverable, event.cause))
         else:
             self.put(event)
 
@@ -457,11 +483,17 @@ class Daemon:
         c = self.config.realtime
         update = protocol.session_update(model=c.model, instructions=c.instructions,
                                          voice=c.voice, turn_detection=c.turn_detection,
-                                         tools=self.tools.schemas())
+                                         tools=self.tools.schemas(),
+                                         transcription_model=self.config.log.transcription_model
+                                         if self.config.log.transcripts else "")
         client = clientmod.RealtimeClient(
             url=c.url, model=c.model, api_key=self.api_key, session_update=update,
             on_event=lambda event: self._from_client(client, event))
         self._client = client
+        self.phrases.forget_recordings()
+        if self._retrying is not None:
+            self._retrying.cancel()  # this conversation tries for real
+            self._retrying = None
 
         async def run() -> None:
             try:
@@ -497,6 +529,36 @@ class Daemon:
         rid = f"cue:{a.name}:{next(self._cue_ids)}"
         self.playback.enqueue(self._cues[a.name], rid)
         self.playback.finish(rid)
+
+    def _say(self, a: s.SayPhrase) -> None:
+        got = self.phrases.pcm(a.situation)
+        if got is None:
+            self._retry_in_background(a.situation)
+            if a.fallback_cue:
+                self._cue(s.PlayCue(a.fallback_cue))
+            return
+        pcm, voice = got
+        assert self.playback
+        self._retry_in_background(a.situation)
+        log.info("saying the %s phrase (%s, %.1f s)", a.situation, voice,
+                 len(pcm) / protocol.BYTES_PER_MS / 1000,
+                 extra=logmod.fields(event="phrase"))
+        rid = f"cue:phrase:{a.situation}:{next(self._cue_ids)}"
+        self.playback.enqueue(pcm, rid)
+        self.playback.finish(rid)
+
+    def _retry_in_background(self, situation: str) -> None:
+        """The person was told the service cannot be reached: keep trying it quietly, so
+        the journal says when it is back (retries never happen in front of the person)."""
+        if situation != protocol.UNREACHABLE or self._retrying is not None:
+            return
+        self._retrying = self._spawn(reachmod.until_reachable(self.config.realtime.url),
+                                     "realtime-retry")
+        self._retrying.add_done_callback(self._retry_ended)
+
+    def _retry_ended(self, task: asyncio.Task[Any]) -> None:
+        if self._retrying is task:
+            self._retrying = None
 
     def _stream(self, a: s.StreamMic) -> None:
         assert self.capture

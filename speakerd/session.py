@@ -52,6 +52,7 @@ class SessionReady:
 class Disconnected:
     reason: str
     unrecoverable: bool = False
+    cause: str = ""  # a protocol situation (UNREACHABLE, KEY_REFUSED, ...), if known
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,15 @@ class PlayCue:
 
 
 @dataclass(frozen=True, slots=True)
+class SayPhrase:
+    """Tell the person what is wrong: the status phrase for `situation` (a protocol
+    situation), else the `fallback_cue` earcon, else nothing."""
+
+    situation: str
+    fallback_cue: str | None = "error"
+
+
+@dataclass(frozen=True, slots=True)
 class StreamMic:
     on: bool
     after_frame: int = -1
@@ -166,7 +176,7 @@ class SetStatus:
 
 
 Action = (Connect | CloseConnection | Send | PlayAudio | FinishAudio | FlushPlayback | PlayCue
-          | StreamMic | SetWakeWord | ResetWakeWord | RunTool | StartTimer | CancelTimer
+          | SayPhrase | StreamMic | SetWakeWord | ResetWakeWord | RunTool | StartTimer | CancelTimer
           | SetLeds | SetStatus)
 
 
@@ -178,9 +188,12 @@ class Settings:
     wake_cue: bool = True
     end_cue: bool = True
     audio_margin_seconds: float = 2.0  # on top of the queued audio, before a drain is late
-    connect_timeout: float = 45.0  # the client's own retries fit inside this
+    # A slow network gets this long to bring the session up before the person is told;
+    # a definite failure (no route, refused, bad key) is told as soon as it is reported.
+    connect_timeout: float = 8.0
     response_timeout: float = 20.0  # silence from the server while a turn is due
     error_seconds: float = 3.0  # the error LED shows this long before IDLE
+    transcripts: bool = False  # log what was heard and said (private: off by default)
 
 
 class UnhandledInput(Exception):
@@ -218,11 +231,16 @@ class _Conversation:
     number: int
     end: str | None = None  # an end asked for, carried out after the drain
     error: str | None = None  # an unrecoverable error to show after the drain
+    say: str | None = None  # the situation to tell the person about when it ends
     active: str | None = None  # the response between response.created and response.done
     responses: dict[str, _Response] = field(default_factory=dict)
     playing: set[str] = field(default_factory=set)  # finished, drain not yet reported
     turns: list[_Turn] = field(default_factory=list)
     connected: bool = False
+    # The user's turns by number, for transcripts that arrive after the answer began.
+    user_turns: int = 0
+    turn_of_item: dict[str, int] = field(default_factory=dict)
+    turn_of_response: dict[str, int] = field(default_factory=dict)
 
 
 class Session:
@@ -298,6 +316,8 @@ class Session:
     def _start(self, inp: WakeWordDetected | ButtonPressed) -> None:
         if self.muted:
             log.info("%s ignored: the microphone is muted", _what(inp))
+            if isinstance(inp, ButtonPressed):
+                self._emit(SayPhrase(p.MUTED, None))  # a press deserves an answer
             return
         self.count += 1
         self.conv = _Conversation(self.count)
@@ -331,7 +351,16 @@ class Session:
     def _speech_started(self, inp: p.SpeechStarted) -> None:
         self._cancel("follow_up")  # they are talking: the window is not running out
 
+    def _note_turn(self, inp: p.AudioCommitted) -> None:
+        """A user turn, committed: numbered, so that its transcript finds its place."""
+        conv = self.conv
+        assert conv
+        if inp.item_id not in conv.turn_of_item:
+            conv.user_turns += 1
+            conv.turn_of_item[inp.item_id] = conv.user_turns
+
     def _committed(self, inp: p.AudioCommitted) -> None:
+        self._note_turn(inp)
         # The assistant's own voice must not become the next turn: the mic stays
         # closed until its answer has played out.
         self._cancel("follow_up", "mic_guard")
@@ -352,6 +381,7 @@ class Session:
         assert conv
         conv.active = inp.response_id
         conv.responses.setdefault(inp.response_id, _Response(inp.response_id))
+        conv.turn_of_response.setdefault(inp.response_id, conv.user_turns)
         self._cancel("response", "follow_up", "mic_guard")
         if self.state is State.LISTENING:
             self._emit(StreamMic(False))
@@ -377,6 +407,30 @@ class Session:
         self._emit(PlayAudio(inp.pcm, inp.response_id))
         self._timer("response", self.settings.response_timeout)
 
+    def _heard(self, inp: p.InputTranscript) -> None:
+        conv = self.conv
+        assert conv
+        turn = conv.turn_of_item.get(inp.item_id, conv.user_turns)
+        self._transcript("heard", inp.transcript, turn)
+
+    def _said(self, inp: p.TranscriptDone) -> None:
+        conv = self.conv
+        assert conv
+        if self.state is State.RESPONDING and inp.response_id == conv.active:
+            self._keep_alive(inp)
+        turn = conv.turn_of_response.get(inp.response_id, conv.user_turns)
+        self._transcript("said", inp.transcript, turn)
+
+    def _transcript(self, what: str, text: str, turn: int) -> None:
+        """One journal line per user turn (heard) and per answer (said), if asked for."""
+        conv = self.conv
+        assert conv
+        if not self.settings.transcripts:
+            return
+        log.info("%s: %s", what, text, extra={
+            "SPEAKERD_EVENT": what, "SPEAKERD_TEXT": text,
+            "SPEAKERD_SESSION": str(conv.number), "SPEAKERD_TURN": str(turn)})
+
     def _keep_alive(self, inp: object) -> None:
         """A sign of life from the server during a response."""
         self._timer("response", self.settings.response_timeout)
@@ -396,7 +450,7 @@ class Session:
         if inp.status == "failed":
             severity, why = p.classify_error(inp.error_type, inp.error_code)
             if severity is Severity.UNRECOVERABLE:
-                self._fail(why)
+                self._fail(why, p.cause_of_error(inp.error_type, inp.error_code))
             else:
                 log.warning("response %s failed (%s); the conversation goes on", r.id, why)
         if r.calls:
@@ -576,21 +630,25 @@ class Session:
         self._emit(CloseConnection())
         self._emit(ResetWakeWord())
         self.conv = None
+        say = conv.say if conv else None
         if error:
-            self._emit(PlayCue("error"))
+            self._emit(SayPhrase(say or p.FAILED))
             self._timer("error", self.settings.error_seconds)
             self._enter(State.ERROR, error)
         else:
             if self.settings.end_cue:
                 self._emit(PlayCue("end"))
+            if say:
+                self._emit(SayPhrase(say, None))
             self._enter(State.IDLE, f"conversation over: {reason}")
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, cause: str) -> None:
         """Unrecoverable: say what to fix; end once nothing is playing."""
         conv = self.conv
         assert conv
         log.error("realtime session failed: %s", why)
         conv.error = conv.error or why
+        conv.say = conv.say or cause
         conv.connected = False
         self._finish_active()
         self._emit(CloseConnection())
@@ -598,7 +656,7 @@ class Session:
     def _server_error(self, inp: p.ServerError) -> None:
         severity, why = p.classify_error(inp.type, inp.code)
         if severity is Severity.UNRECOVERABLE:
-            self._fail(why)
+            self._fail(why, p.cause_of_error(inp.type, inp.code))
             if self.state in (State.CONNECTING, State.LISTENING):
                 self._end_now("error")
             return
@@ -616,6 +674,11 @@ class Session:
     def _disconnected(self, inp: Disconnected) -> None:
         conv = self.conv
         assert conv
+        if self.state is State.CONNECTING:
+            conv.say = conv.say or inp.cause or p.UNREACHABLE
+        elif inp.unrecoverable or self.state in (State.THINKING, State.RESPONDING):
+            # Gone while an answer was due or coming: the person is left hanging.
+            conv.say = conv.say or inp.cause or p.FAILED
         conv.connected = False
         self._finish_active()
         self._cancel("connect", "response")
@@ -636,7 +699,9 @@ class Session:
         conv = self.conv
         assert conv
         if inp.name == "connect":
-            conv.error = "the realtime service did not answer in time"
+            conv.error = (f"the realtime service did not answer within "
+                          f"{self.settings.connect_timeout:g} s (a slow or broken network?)")
+            conv.say = p.UNREACHABLE
             self._end_now("connect timeout")
             return
         log.warning("no word from the realtime service for %.0f s while a %s was due",
@@ -645,6 +710,7 @@ class Session:
         if self.state is State.RESPONDING:
             self._finish_active()
             conv.end = conv.end or "the realtime service stopped answering"
+            conv.say = conv.say or p.FAILED
             self._emit(CloseConnection())
             conv.connected = False
             self._after_response("response timed out")
@@ -724,7 +790,6 @@ TABLE: dict[tuple[State, type], Handler] = {
     (S.RESPONDING, p.OutputItemAdded): Session._item_added,
     (S.RESPONDING, p.AudioDelta): Session._audio,
     (S.RESPONDING, p.AudioDone): Session._keep_alive,
-    (S.RESPONDING, p.TranscriptDone): Session._keep_alive,
     (S.RESPONDING, p.ResponseDone): Session._response_done,
     (S.LISTENING, p.ResponseDone): Session._response_done,
     (S.THINKING, p.ResponseDone): Session._response_done,
@@ -740,6 +805,11 @@ for _state in (S.LISTENING, S.THINKING, S.RESPONDING, S.AUDIO_PLAYING):
     TABLE[(_state, ToolDone)] = Session._tool_done
     TABLE[(_state, EndRequested)] = Session._end_request
     TABLE[(_state, PlaybackFlushed)] = Session._flushed
+for _state in (S.LISTENING, S.THINKING, S.RESPONDING, S.AUDIO_PLAYING):
+    TABLE[(_state, p.InputTranscript)] = Session._heard
+    TABLE[(_state, p.TranscriptDone)] = Session._said
+for _state in (S.THINKING, S.RESPONDING, S.AUDIO_PLAYING):
+    TABLE[(_state, p.AudioCommitted)] = Session._note_turn
 TABLE[(S.CONNECTING, EndRequested)] = Session._end_request
 TABLE[(S.CONNECTING, p.ServerError)] = Session._server_error
 TABLE[(S.CONNECTING, ToolDone)] = Session._tool_done
@@ -777,8 +847,8 @@ ANY_STATE: dict[type, Handler] = {
 # late events of a conversation that is over, cues draining, events of no interest.
 _LATE = (p.SessionCreated, p.SessionUpdated, p.ServerError, p.SpeechStarted, p.SpeechStopped,
          p.AudioCommitted, p.ResponseCreated, p.OutputItemAdded, p.AudioDelta, p.AudioDone,
-         p.TranscriptDone, p.ResponseDone, SessionReady, Disconnected, PlaybackDrained,
-         PlaybackFlushed, ToolDone, EndRequested)
+         p.TranscriptDone, p.InputTranscript, p.ResponseDone, SessionReady, Disconnected,
+         PlaybackDrained, PlaybackFlushed, ToolDone, EndRequested)
 IGNORED: dict[State, tuple[type, ...]] = {
     S.IDLE: _LATE,
     S.ERROR: (*_LATE, WakeWordDetected),
@@ -787,16 +857,14 @@ IGNORED: dict[State, tuple[type, ...]] = {
     S.CONNECTING: (WakeWordDetected, PlaybackDrained, PlaybackFlushed, p.SpeechStarted,
                    p.SpeechStopped, p.SessionCreated, p.SessionUpdated, p.AudioCommitted,
                    p.ResponseCreated, p.OutputItemAdded, p.AudioDelta, p.AudioDone,
-                   p.TranscriptDone, p.ResponseDone),
+                   p.TranscriptDone, p.InputTranscript, p.ResponseDone),
     S.LISTENING: (WakeWordDetected, p.SpeechStopped, PlaybackDrained, SessionReady,
-                  p.OutputItemAdded, p.AudioDelta, p.AudioDone, p.TranscriptDone,
-                  p.SessionUpdated),
-    S.THINKING: (WakeWordDetected, p.SpeechStarted, p.SpeechStopped, p.AudioCommitted,
-                 PlaybackDrained, SessionReady, p.OutputItemAdded, p.AudioDelta,
-                 p.AudioDone, p.TranscriptDone, p.SessionUpdated),
-    S.RESPONDING: (p.SpeechStarted, p.SpeechStopped, p.AudioCommitted, SessionReady,
-                   p.ResponseCreated, p.SessionUpdated),
-    S.AUDIO_PLAYING: (p.SpeechStarted, p.SpeechStopped, p.AudioCommitted, SessionReady,
-                      p.OutputItemAdded, p.AudioDelta, p.AudioDone, p.TranscriptDone,
-                      p.SessionUpdated),
+                  p.OutputItemAdded, p.AudioDelta, p.AudioDone, p.SessionUpdated),
+    S.THINKING: (WakeWordDetected, p.SpeechStarted, p.SpeechStopped, PlaybackDrained,
+                 SessionReady, p.OutputItemAdded, p.AudioDelta, p.AudioDone,
+                 p.SessionUpdated),
+    S.RESPONDING: (p.SpeechStarted, p.SpeechStopped, SessionReady, p.ResponseCreated,
+                   p.SessionUpdated),
+    S.AUDIO_PLAYING: (p.SpeechStarted, p.SpeechStopped, SessionReady, p.OutputItemAdded,
+                      p.AudioDelta, p.AudioDone, p.SessionUpdated),
 }

@@ -21,9 +21,18 @@ What it does on each connection, as the real service does:
   energy of appended audio and does speech_started/stopped/committed itself;
 - `response.create` while a response is active -> error
   `conversation_already_has_active_response`; otherwise plays the next `Reply`;
+  an out-of-band one (`conversation: "none"`) is recorded in `out_of_band` and, with
+  `phrase_audio`, answered alongside: it says the text quoted in its instructions
+  (`phrase_audio(text)` as its audio, the text as its transcript), its metadata
+  echoed in response.created;
 - `response.cancel` -> the active reply stops, `response.done` status cancelled;
 - `conversation.item.create` (a function call's output or a user message) ->
-  `conversation.item.added`.
+  `conversation.item.added`;
+- when the session.update asked for input transcription, each committed turn gets
+  `conversation.item.input_audio_transcription.completed` with the next text of
+  `heard` (right after the commit; with `late_transcripts=True` held until the first
+  audio of the last scripted reply, so that a turn's words arrive while a later turn
+  is answered, as the real service's separate ASR model may).
 
 A `Reply` streams `audio_ms` of 24 kHz audio (or the given `pcm`) as deltas of
 `chunk_ms` at `speed` times real time, its transcript, then `response.done` whose
@@ -114,9 +123,18 @@ class RealtimeServer:
     def __init__(self, *, replies: list[Reply] | None = None,
                  reject_status: int | list[int] | None = None, vad: bool = False,
                  vad_threshold: float = 500.0, vad_silence_ms: int = 500,
-                 models: tuple[str, ...] | None = None) -> None:
+                 models: tuple[str, ...] | None = None,
+                 heard: list[str] | None = None, late_transcripts: bool = False,
+                 phrase_audio: Any = None) -> None:
         self.models = models
         self.replies = list(replies or [])
+        self.phrase_audio = phrase_audio  # text -> 24 kHz PCM, for out-of-band responses
+        self.out_of_band: list[dict[str, Any]] = []  # their `response` params, in order
+        self._oob_tasks: set[asyncio.Task[None]] = set()
+        self.heard = list(heard or [])
+        self.late_transcripts = late_transcripts
+        self.transcribing = False  # the session.update asked for input transcription
+        self._late: list[tuple[str, str]] = []  # (item id, text) due after the next audio
         self.reject_status = reject_status
         self.vad = vad
         self.vad_threshold = vad_threshold
@@ -155,6 +173,8 @@ class RealtimeServer:
         assert self._server is not None
         if self._reply_task:
             self._reply_task.cancel()
+        for task in self._oob_tasks:
+            task.cancel()
         for ws in self.deaf:  # let them see the close handshake or the reset
             ws.transport.resume_reading()
         self._server.close()
@@ -282,6 +302,8 @@ class RealtimeServer:
     async def _on_event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == "session.update":
+            self.transcribing = bool(event.get("session", {}).get("audio", {})
+                                     .get("input", {}).get("transcription"))
             await self.send(rt.SessionUpdatedEvent(
                 type="session.updated", event_id=self._eid(),
                 session=rt.RealtimeSessionCreateRequest(type="realtime",
@@ -290,6 +312,17 @@ class RealtimeServer:
             await self._vad(base64.b64decode(event["audio"]))
         elif kind == "input_audio_buffer.commit":
             await self._commit()
+        elif kind == "response.create" and (event.get("response") or {}).get(
+                "conversation") == "none":
+            params = event["response"]
+            self.out_of_band.append(params)
+            if self.phrase_audio is not None:
+                quoted = params["instructions"]
+                text = json.loads(quoted[quoted.index(': "') + 2:])
+                rid = f"resp_{next(self._ids)}"
+                self._oob_tasks.add(asyncio.create_task(self._play_oob(
+                    Reply(pcm=self.phrase_audio(text), transcript=text), rid,
+                    params.get("metadata") or {})))
         elif kind == "response.create":
             if self.active_response:
                 await self.error("conversation_already_has_active_response",
@@ -338,11 +371,24 @@ class RealtimeServer:
                 await self._commit()
 
     async def _commit(self) -> None:
+        item_id = f"item_{next(self._ids)}"
         await self.send(rt.InputAudioBufferCommittedEvent(
-            type="input_audio_buffer.committed", event_id=self._eid(),
-            item_id=f"item_{next(self._ids)}"))
+            type="input_audio_buffer.committed", event_id=self._eid(), item_id=item_id))
+        if self.transcribing and self.heard:
+            text = self.heard.pop(0)
+            if self.late_transcripts:
+                self._late.append((item_id, text))
+            else:
+                await self._transcribed(item_id, text)
         if not self.active_response:
             self._start_reply()
+
+    async def _transcribed(self, item_id: str, text: str) -> None:
+        await self.send(rt.ConversationItemInputAudioTranscriptionCompletedEvent(
+            type="conversation.item.input_audio_transcription.completed",
+            event_id=self._eid(), item_id=item_id, content_index=0, transcript=text,
+            usage=rt.conversation_item_input_audio_transcription_completed_event
+            .UsageTranscriptTextUsageDuration(type="duration", seconds=1.0)))
 
     def _start_reply(self) -> None:
         reply = self.replies.pop(0) if self.replies else Reply(audio_ms=200)
@@ -359,11 +405,19 @@ class RealtimeServer:
             if self.active_response == rid:
                 self.active_response = None
 
-    async def _play_reply(self, reply: Reply, rid: str) -> None:
+    async def _play_oob(self, reply: Reply, rid: str, metadata: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._play_reply(reply, rid, metadata)
+
+    async def _play_reply(self, reply: Reply, rid: str,
+                          metadata: dict[str, Any] | None = None) -> None:
+        """One response; with `metadata`, an out-of-band one, beside the conversation's."""
+        oob = metadata is not None
         item_id = f"item_{next(self._ids)}"
         await self.send(rt.ResponseCreatedEvent(
             type="response.created", event_id=self._eid(),
-            response=rt.RealtimeResponse(id=rid, status="in_progress", output=[])))
+            response=rt.RealtimeResponse(id=rid, status="in_progress", output=[],
+                                         metadata=metadata)))
         message = rt.RealtimeConversationItemAssistantMessage(
             type="message", role="assistant", id=item_id, content=[])
         await self.send(rt.ResponseOutputItemAddedEvent(
@@ -374,7 +428,7 @@ class RealtimeServer:
         sent_ms = 0
         status = reply.status
         for start in range(0, len(pcm), step):
-            if self._cancel.is_set():
+            if self._cancel.is_set() and not oob:
                 status = "cancelled"
                 break
             chunk = pcm[start:start + step]
@@ -383,6 +437,8 @@ class RealtimeServer:
                 item_id=item_id, output_index=0, content_index=0,
                 delta=base64.b64encode(chunk).decode()))
             sent_ms += len(chunk) // 48
+            while self._late and not self.replies and not oob:  # late: after later answers
+                await self._transcribed(*self._late.pop(0))
             if reply.drop_after_ms is not None and sent_ms >= reply.drop_after_ms:
                 self.drop(reset=reply.reset)
                 return
@@ -391,7 +447,7 @@ class RealtimeServer:
                 return
             # Paced, but ahead of real time; the cancel event cuts the wait short.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._cancel.wait(),
+                await asyncio.wait_for(asyncio.Event().wait() if oob else self._cancel.wait(),
                                        len(chunk) / 48 / 1000 / reply.speed)
         if status != "cancelled":
             await self.send(rt.ResponseAudioDoneEvent(
@@ -420,7 +476,9 @@ class RealtimeServer:
             details = rt.RealtimeResponseStatus(
                 type="failed", error=rt.realtime_response_status.Error(
                     type=reply.error[0], code=reply.error[1]))
-        self.active_response = None
+        if not oob:
+            self.active_response = None
         await self.send(rt.ResponseDoneEvent(
             type="response.done", event_id=self._eid(), response=rt.RealtimeResponse(
-                id=rid, status=status, output=output, status_details=details)))
+                id=rid, status=status, output=output, status_details=details,
+                metadata=metadata)))

@@ -161,8 +161,65 @@ class TestFailures:
             gone = await h.next(Disconnected)
             await asyncio.wait_for(h.task, 5)
         assert gone == Disconnected("the API key was refused (HTTP 401): check the key",
-                                    unrecoverable=True)
+                                    unrecoverable=True, cause=p.KEY_REFUSED)
         assert len(server.handshakes) == 1
+
+    @pytest.mark.parametrize(("status", "cause"), [(429, p.QUOTA), (404, p.FAILED),
+                                                   (403, p.KEY_REFUSED)])
+    async def test_quota_and_unknown_model_are_one_attempt_and_say_the_cause(
+            self, status, cause, caplog):
+        async with RealtimeServer(reject_status=status) as server:
+            h = Harness(server.url)
+            gone = await h.ended(timeout=5)
+        assert gone.unrecoverable and gone.cause == cause
+        assert f"HTTP {status}" in gone.reason and f"HTTP {status}" in caplog.text
+        assert len(server.handshakes) == 1
+
+    async def test_a_name_that_does_not_resolve_is_one_attempt_and_unreachable(self):
+        h = Harness("wss://realtime.speakerd.invalid/v1/realtime")
+        started = time.monotonic()
+        gone = await h.ended(timeout=20)
+        print(f"\n.invalid host reported after {time.monotonic() - started:.3f} s")
+        assert gone.unrecoverable and gone.cause == p.UNREACHABLE
+        assert gone.reason.startswith("cannot reach realtime.speakerd.invalid: name "
+                                      "resolution failed: "), gone.reason
+        assert not any("retrying" in str(e) for e in h.seen)
+
+    async def test_a_server_that_never_answers_the_handshake_is_retried_until_closed(
+            self, caplog):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()  # the kernel accepts the TCP connection; nobody ever answers
+            port = s.getsockname()[1]
+            h = Harness(f"ws://127.0.0.1:{port}/v1/realtime", open_timeout=0.3,
+                        backoff=Backoff(attempts=100, first=0.05, cap=0.1))
+            with caplog.at_level(logging.INFO, logger="speakerd.realtime.client"):
+                await asyncio.wait_for(self._logged(caplog, "retrying the realtime "
+                                                    "connection"), 10)
+                # The session's slow-network deadline: close() cuts the attempt short.
+                h.client.close()
+                gone = await h.ended(timeout=2)
+        assert gone == Disconnected("closed by speakerd before connecting")
+        assert "no answer to the handshake within 0.3 s" in caplog.text
+
+    @staticmethod
+    async def _logged(caplog, text: str) -> None:
+        while text not in caplog.text:
+            await asyncio.sleep(0.02)
+
+    async def test_close_cuts_a_hanging_handshake_short(self):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+            port = s.getsockname()[1]
+            h = Harness(f"ws://127.0.0.1:{port}/v1/realtime", open_timeout=60)
+            h.client.append_audio(b"\x00\x00" * 24 * 700)  # said after the wake word
+            await asyncio.sleep(0)  # the attempt is under way
+            h.client.close()
+            gone = await h.ended(timeout=2)  # not the 60 s open_timeout
+        assert gone == Disconnected("closed by speakerd before connecting")
 
     async def test_503_retries_with_growing_delays_then_connects(self):
         async with RealtimeServer(reject_status=[503, 503, 503]) as server:
@@ -182,17 +239,21 @@ class TestFailures:
                                     "(HTTP 503)")
         assert len(server.handshakes) == 3
 
-    async def test_nothing_listening_is_retried_then_reported(self):
+    async def test_nothing_listening_is_reported_at_once_and_the_preroll_dropped(
+            self, caplog):
         import socket
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]  # bound, not listening: connections are refused
             h = Harness(f"ws://127.0.0.1:{port}/v1/realtime",
-                        backoff=Backoff(attempts=2, first=0.01))
-            gone = await h.next(Disconnected)
-        assert gone.reason.startswith("no connection after 2 attempts; last: cannot reach "
-                                      "127.0.0.1: ")
-        assert not gone.unrecoverable
+                        backoff=Backoff(attempts=5, first=0.5))
+            h.client.append_audio(b"\x00\x00" * 24 * 400)  # 400 ms said after the wake
+            with caplog.at_level(logging.INFO, logger="speakerd.realtime.client"):
+                gone = await h.ended(timeout=2)  # no 0.5 s back-off: one attempt
+        assert gone.reason.startswith("cannot reach 127.0.0.1: connection refused: ")
+        assert gone.unrecoverable and gone.cause == p.UNREACHABLE
+        assert ("dropped 400 ms of what was said after the wake word: the session never "
+                "came up") in caplog.text
 
     @pytest.mark.parametrize("reset", [False, True], ids=["fin", "rst"])
     async def test_drop_mid_response_reports_the_reason(self, server, reset):

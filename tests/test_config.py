@@ -76,7 +76,7 @@ BAD = [
      "unknown key (did you mean 'threshold'?)"),
     ("[wakeword]\n", "wakeword", "unknown section (did you mean 'wake_word'?)"),
     ("[zzz]\n", "zzz", "unknown section (allowed: audio, wake_word, realtime, conversation, "
-     "cues, hardware, leds, buttons, tools, log)"),
+     "cues, hardware, leds, buttons, tools, log, phrases)"),
     ("audio = 3\n", "audio", "must be a table ([audio]), not an integer"),
     ("[wake_word]\nthreshold = 'high'\n", "wake_word.threshold", "must be a number, not a string"),
     ("[wake_word]\nthreshold = 1.5\n", "wake_word.threshold", "1.5 is out of range (0.01 to 1)"),

@@ -21,6 +21,7 @@ from speakerd.notify import Notifier
 from .conftest import need
 from .realtime_server import RealtimeServer, Reply
 from .speech import have_espeak, silence, speak, write_wav
+from .test_e2e_phrases import espeak_pcm, heard_phrase
 from .test_leds_buttons import BLUE_PX, CYAN_PX, OFF, Apa102Decoder
 
 
@@ -166,6 +167,21 @@ async def test_mute_stops_wake_word_and_mic_until_unmuted(running, tmp_path):
     assert not (tmp_path / "muted").exists()
     say(request("what time is it"), "unmuted")
     await until(lambda: len(server.handshakes) == 1)
+
+
+async def test_the_talk_button_while_muted_says_the_microphone_is_off(running, pulse,
+                                                                    tmp_path):
+    daemon, server, factory, _ = running
+    await until(lambda: "muted" in daemon.phrases.espeak)  # rendered at start-up
+    press(factory, 5)
+    await until(lambda: daemon.leds.history[-1] == "muted")
+    start = len(pulse.speaker_bytes()) // 2
+    press(factory, 6)
+    phrase = espeak_pcm("The microphone is off.", tmp_path)
+    _, _, match = await heard_phrase(pulse, start, phrase)
+    assert match > 0.99
+    assert server.handshakes == []  # no conversation: the microphone is off
+    assert daemon.leds.history[-1] == "muted"
 
 
 async def test_mute_during_a_conversation_closes_the_mic(running):

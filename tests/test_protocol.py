@@ -80,6 +80,15 @@ class TestBuilders:
             "type": "message", "role": "user", "content": [{"type": "input_text",
                                                             "text": "hi"}]}
         assert "response" not in p.response_create()  # the conversation's, unchanged
+    def test_transcripts_ask_for_input_transcription_and_validate(self):
+        event = p.session_update(model="m", instructions="", voice="cedar",
+                                 turn_detection="server_vad",
+                                 transcription_model="gpt-4o-mini-transcribe")
+        model = CLIENT.validate_python(event)
+        assert model.session.audio.input.transcription.model == "gpt-4o-mini-transcribe"
+        plain = p.session_update(model="m", instructions="", voice="cedar",
+                                 turn_detection="server_vad")
+        assert "transcription" not in plain["session"]["audio"]["input"]
 
     def test_audio_is_base64_of_the_bytes(self):
         pcm = bytes(range(256)) * 4
@@ -117,6 +126,10 @@ REAL_SHAPED = [
     (_ev(type="response.output_audio_transcript.done", event_id="e", response_id="r1",
          item_id="it", output_index=0, content_index=0, transcript="Hi."),
      p.TranscriptDone("r1", "it", "Hi.")),
+    (_ev(type="conversation.item.input_audio_transcription.completed", event_id="e",
+         item_id="u1", content_index=0, transcript="what time is it",
+         usage={"type": "duration", "seconds": 1.2}),
+     p.InputTranscript("u1", "what time is it")),
     (_ev(type="response.done", event_id="e", response={
         "id": "r1", "status": "completed", "output": [
             {"type": "message", "id": "it", "role": "assistant", "content": []},
@@ -237,7 +250,21 @@ class TestErrorClasses:
     @pytest.mark.parametrize(("status", "severity"), [
         (401, Severity.UNRECOVERABLE), (403, Severity.UNRECOVERABLE),
         (404, Severity.UNRECOVERABLE), (400, Severity.UNRECOVERABLE),
-        (429, Severity.RETRY), (500, Severity.RETRY), (502, Severity.RETRY),
+        (429, Severity.UNRECOVERABLE), (500, Severity.RETRY), (502, Severity.RETRY),
         (503, Severity.RETRY), (418, Severity.UNRECOVERABLE)])
     def test_classify_handshake_status(self, status, severity):
         assert p.classify_status(status)[0] is severity
+
+    @pytest.mark.parametrize(("status", "cause"), [
+        (401, p.KEY_REFUSED), (403, p.KEY_REFUSED), (429, p.QUOTA), (404, p.FAILED),
+        (500, p.FAILED)])
+    def test_a_refused_handshake_names_the_situation_to_speak(self, status, cause):
+        assert p.cause_of_status(status) == cause
+
+    @pytest.mark.parametrize(("error", "cause"), [
+        (("invalid_request_error", "invalid_api_key"), p.KEY_REFUSED),
+        (("authentication_error", None), p.KEY_REFUSED),
+        (("invalid_request_error", "insufficient_quota"), p.QUOTA),
+        (("invalid_request_error", "model_not_found"), p.FAILED)])
+    def test_an_unrecoverable_error_names_the_situation_to_speak(self, error, cause):
+        assert p.cause_of_error(*error) == cause

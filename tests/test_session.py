@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -47,8 +48,7 @@ class Conv:
     """A session plus helpers that walk it to a given point of a conversation."""
 
     def __init__(self, **settings) -> None:
-        self.s = s.Session(s.Settings(**{**SETTINGS.__dict__, **settings})
-                           if settings else SETTINGS, strict=True)
+        self.s = s.Session(dataclasses.replace(SETTINGS, **settings), strict=True)
         self.timers: dict[str, int] = {}
 
     def feed(self, inp: object) -> list[tuple]:
@@ -90,7 +90,7 @@ class TestStart:
         c = Conv()
         assert c.feed(s.WakeWordDetected("hey_jarvis", 40)) == [
             ("PlayCue", "wake"), ("Connect",), ("StreamMic", True, 40),
-            ("timer", "connect", 45.0), ("timer", "session", 600.0),
+            ("timer", "connect", 8.0), ("timer", "session", 600.0),
             ("SetLeds", "connecting")]
 
     def test_talk_button_starts_without_a_wake_word(self):
@@ -189,7 +189,7 @@ class TestFailureOne:
         assert c.feed(s.Disconnected("closed by speakerd")) == []
         out = c.feed(s.PlaybackDrained("r1"))
         assert out[-2:] == [("timer", "error", 3.0), ("SetLeds", "error")]
-        assert ("PlayCue", "error") in out
+        assert ("SayPhrase", p.KEY_REFUSED, "error") in out  # said after the answer
         assert "the API key was refused: check /etc/speakerd/openai.key" in caplog.text
         assert c.fire("error") == [("SetLeds", "idle")]
 
@@ -312,7 +312,16 @@ class TestFailureThree:
         assert c.feed(s.Disconnected("connection lost without a close frame")) == [
             ("FinishAudio", "r1"), ("timer", "drain", 3.2), ("cancel", "response"),
             ("SetLeds", "audio_playing")]
-        assert c.feed(s.PlaybackDrained("r1")) == [("cancel", "drain"), *END]
+        # What came has played; then the person hears that the service failed.
+        assert c.feed(s.PlaybackDrained("r1")) == [("cancel", "drain"), *END[:-1],
+                                                  ("SayPhrase", p.FAILED, None), END[-1]]
+
+    def test_disconnect_while_listening_is_no_failure_to_speak_of(self):
+        c = Conv()
+        c.listening()
+        out = c.feed(s.Disconnected("server closed the connection (code 1000)"))
+        assert out[-1] == ("SetLeds", "idle")
+        assert not [a for a in out if a[0] == "SayPhrase"]
 
 
 class TestFailureFour:
@@ -487,7 +496,9 @@ class TestMute:
         assert c.feed(s.ButtonPressed("mute")) == [
             ("SetWakeWord", False), ("PlayCue", "end"), ("SetLeds", "muted")]
         assert c.feed(s.WakeWordDetected("hey_jarvis")) == []
-        assert c.feed(s.ButtonPressed("talk")) == []
+        # The talk button gets an answer: the microphone is off.
+        assert c.feed(s.ButtonPressed("talk")) == [("SayPhrase", p.MUTED, None)]
+        assert c.s.state is State.IDLE
         assert c.feed(s.ButtonPressed("mute")) == [
             ("SetWakeWord", True), ("PlayCue", "wake"), ("SetLeds", "idle")]
 
@@ -507,12 +518,25 @@ class TestConnectFailures:
         c.feed(s.WakeWordDetected("hey_jarvis"))
         out = c.feed(s.Disconnected("no connection after 5 attempts"))
         assert out[-2:] == [("timer", "error", 3.0), ("SetLeds", "error")]
-        assert ("PlayCue", "error") in out
+        assert ("SayPhrase", p.UNREACHABLE, "error") in out
 
-    def test_connect_timeout(self):
+    @pytest.mark.parametrize("cause", [p.UNREACHABLE, p.KEY_REFUSED, p.QUOTA, p.FAILED])
+    def test_a_definite_failure_is_told_at_once_with_its_cause(self, cause):
         c = Conv()
         c.feed(s.WakeWordDetected("hey_jarvis"))
-        assert c.fire("connect")[-1] == ("SetLeds", "error")
+        out = c.feed(s.Disconnected("refused", unrecoverable=True, cause=cause))
+        assert out == [("cancel", "connect"), ("cancel", "session"), ("StreamMic", False, -1),
+                       ("CloseConnection",), ("ResetWakeWord",), ("SayPhrase", cause, "error"),
+                       ("timer", "error", 3.0), ("SetLeds", "error")]
+
+    def test_a_slow_connection_is_told_after_8_seconds(self, caplog):
+        c = Conv()
+        assert ("timer", "connect", 8.0) in c.feed(s.WakeWordDetected("hey_jarvis"))
+        with caplog.at_level(logging.INFO, logger="speakerd.session"):
+            out = c.fire("connect")
+        assert out[-1] == ("SetLeds", "error")
+        assert ("CloseConnection",) in out and ("SayPhrase", p.UNREACHABLE, "error") in out
+        assert "did not answer within 8 s" in caplog.text
 
     def test_silent_server_while_responding_is_not_waited_on_forever(self):
         c = Conv()
@@ -534,6 +558,48 @@ class TestLogging:
             "listening"]
         assert changes[0].getMessage() == "idle -> connecting: wake word hey_jarvis"
         assert changes[-1].getMessage() == "audio_playing -> listening: response r1 played out"
+
+
+class TestTranscripts:
+    @staticmethod
+    def lines(caplog) -> list[tuple[str, str, str, str]]:
+        return [(r.getMessage(), r.SPEAKERD_EVENT, r.SPEAKERD_SESSION, r.SPEAKERD_TURN)
+                for r in caplog.records if getattr(r, "SPEAKERD_EVENT", "") in ("heard",
+                                                                                 "said")]
+
+    def test_each_turn_logs_what_was_heard_and_said_even_when_the_transcript_is_late(
+            self, caplog):
+        c = Conv(transcripts=True)
+        with caplog.at_level(logging.INFO, logger="speakerd.session"):
+            c.playing("r1", 500)  # turn 1 is item u1; its transcript has not come yet
+            assert c.feed(p.TranscriptDone("r1", "item_r1", "It is noon.")) == []
+            c.feed(s.PlaybackDrained("r1"))
+            c.feed(p.AudioCommitted("u2"))  # turn 2
+            c.feed(p.ResponseCreated("r2"))
+            # Late: turn 1's words arrive while turn 2 is being answered.
+            assert c.feed(p.InputTranscript("u1", "what time is it")) == []
+            c.feed(p.InputTranscript("u2", "and the date"))
+            c.feed(p.TranscriptDone("r2", "item_r2", "It is the first."))
+        assert self.lines(caplog) == [
+            ("said: It is noon.", "said", "1", "1"),
+            ("heard: what time is it", "heard", "1", "1"),
+            ("heard: and the date", "heard", "1", "2"),
+            ("said: It is the first.", "said", "1", "2")]
+
+    def test_nothing_is_logged_unless_asked_for(self, caplog):
+        c = Conv()
+        with caplog.at_level(logging.DEBUG, logger="speakerd.session"):
+            c.playing("r1", 500)
+            c.feed(p.InputTranscript("u1", "what time is it"))
+            c.feed(p.TranscriptDone("r1", "item_r1", "It is noon."))
+        assert self.lines(caplog) == []
+        assert "what time is it" not in caplog.text and "noon" not in caplog.text
+
+    def test_a_transcript_while_responding_keeps_the_response_alive(self):
+        c = Conv(transcripts=True)
+        c.responding("r1", 500)
+        assert c.feed(p.TranscriptDone("r1", "item_r1", "Okay.")) == [("timer", "response",
+                                                                     20.0)]
 
 
 def test_session_module_imports_nothing_that_does_io():

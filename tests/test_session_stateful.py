@@ -21,7 +21,7 @@ from speakerd.realtime import protocol as p
 from speakerd.session import State
 
 MARGIN = 2.0
-SETTINGS = s.Settings(audio_margin_seconds=MARGIN)
+SETTINGS = s.Settings(audio_margin_seconds=MARGIN, transcripts=True)
 ENDED = (State.IDLE, State.ERROR)
 SURVIVABLE = [("invalid_request_error", "conversation_already_has_active_response"),
               ("invalid_request_error", "invalid_value"), ("server_error", None),
@@ -117,6 +117,22 @@ class SessionMachine(RuleBasedStateMachine):
         # 1. never ends while audio is still owed (a deadline flushes it first).
         if after in ENDED and before not in ENDED:
             assert not self.unheard, (inp, self.unheard)
+        # 7. the person is told what went wrong, once, when it goes wrong: a failed
+        # connection at once, an error when the conversation ends on it; and a talk press
+        # while muted gets its phrase. No phrase otherwise.
+        phrases = [a for a in actions if isinstance(a, s.SayPhrase)]
+        assert len(phrases) <= 1, actions
+        ended_now = after in ENDED and before not in ENDED
+        if after is State.ERROR and before is not State.ERROR:
+            assert phrases and phrases[0].fallback_cue == "error", (inp, actions)
+            assert phrases[0].situation in p.SITUATIONS
+        if phrases:
+            assert ended_now or (inp == s.ButtonPressed("talk") and self.s.muted
+                                 and phrases[0] == s.SayPhrase(p.MUTED, None)), (inp, actions)
+        if before is State.CONNECTING and isinstance(inp, s.Disconnected):
+            assert after is State.ERROR, "a failed connection is told at once"
+            if inp.cause:
+                assert phrases[0].situation == inp.cause
         # 4. survivable errors never end anything.
         if isinstance(inp, p.ServerError) and (inp.type, inp.code) in SURVIVABLE:
             assert after is before and not any(isinstance(a, s.CloseConnection)
@@ -286,9 +302,12 @@ class SessionMachine(RuleBasedStateMachine):
                    ("button", lambda: self.button(data.draw(st.sampled_from(
                        ["talk", "talk_long", "mute"])))),
                    ("shutdown", self.shutdown),
-                   ("disconnect", lambda: self.disconnect(data.draw(st.booleans()))),
+                   ("disconnect", lambda: self.disconnect(
+                       data.draw(st.booleans()), data.draw(st.sampled_from(
+                           ["", *p.SITUATIONS[:-1]])))),
                    ("stray_event", lambda: self.stray_event(data.draw(st.sampled_from(
-                       ["session.updated", "speech_stopped", "late_audio", "late_done"])))),
+                       ["session.updated", "speech_stopped", "late_audio", "late_done",
+                        "heard", "said", "said_old"])))),
                    ("drained_twice_or_early", lambda: self.drained_twice_or_early(
                        data.draw(st.sampled_from(["r0", "r1", "cue:wake"])))),
                    ("flushed", lambda: self.flushed(data.draw(st.integers(0, 5000))))]
@@ -320,11 +339,11 @@ class SessionMachine(RuleBasedStateMachine):
 
     # --- the socket and the server -----------------------------------------------------
 
-    def disconnect(self, unrecoverable: bool) -> None:
+    def disconnect(self, unrecoverable: bool, cause: str) -> None:
         self.connected = False
         self.server_active = None
         self.close_rounds()
-        self.feed(s.Disconnected("lost", unrecoverable))
+        self.feed(s.Disconnected("lost", unrecoverable, cause))
 
     def response_failed(self, error: tuple[str, str]) -> None:
         rid = self.server_active
@@ -346,8 +365,16 @@ class SessionMachine(RuleBasedStateMachine):
         """Events of an old response or a closed socket, which must change nothing."""
         inp = {"session.updated": p.SessionUpdated(), "speech_stopped": p.SpeechStopped("u"),
                "late_audio": p.AudioDelta("old", "x", 0, b"\x00\x00"),
-               "late_done": p.ResponseDone("old", "cancelled", ())}[kind]
-        self.feed(inp)
+               "late_done": p.ResponseDone("old", "cancelled", ()),
+               # Transcripts come when they are ready: before or after the answer began.
+               "heard": p.InputTranscript("u", "what time is it"),
+               "said": p.TranscriptDone(self.server_active or "r0", "x", "It is noon."),
+               "said_old": p.TranscriptDone("old", "x", "Earlier.")}[kind]
+        before = self.s.state
+        actions = self.feed(inp)
+        if kind in ("heard", "said", "said_old"):  # a transcript is a log line, nothing more
+            assert self.s.state is before
+            assert all(isinstance(a, (s.StartTimer, s.CancelTimer)) for a in actions), actions
 
     # --- the speaker, the tools, the clock -----------------------------------------------
 

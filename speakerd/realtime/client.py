@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import json
 import logging
 import random
+import socket
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,10 +38,14 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class Disconnected:
-    """The socket is gone (or never came up); `unrecoverable` means retrying will not help."""
+    """The socket is gone (or never came up); `unrecoverable` means retrying will not help.
+
+    `cause` names the situation for the person (protocol.UNREACHABLE, KEY_REFUSED, ...)
+    when the connection failed definitely; "" otherwise."""
 
     reason: str
     unrecoverable: bool = False
+    cause: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +84,23 @@ class PreRoll:
         return chunks
 
 
+# OSErrors that say the service cannot be reached from here right now: the person is
+# told at once, a retry within the same breath would only make them wait.
+_DEFINITE_ERRNOS = frozenset({errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH,
+                              errno.ENETDOWN, errno.EHOSTDOWN})
+
+
+def definite_network_error(e: BaseException) -> str | None:
+    """What makes `e` a definite failure to reach the service, or None (maybe transient)."""
+    if isinstance(e, socket.gaierror):
+        return "name resolution failed"
+    if isinstance(e, ssl.SSLError):  # certificate refused, protocol mismatch: not timing
+        return "TLS failed"
+    if isinstance(e, OSError) and e.errno in _DEFINITE_ERRNOS:
+        return {errno.ECONNREFUSED: "connection refused"}.get(e.errno, "network unreachable")
+    return None
+
+
 def realtime_uri(url: str, model: str) -> str:
     """`url` with `model=` added to its query (replacing one already there)."""
     parts = urlsplit(url)
@@ -87,10 +111,13 @@ def realtime_uri(url: str, model: str) -> str:
 class RealtimeClient:
     """The socket of one conversation.
 
-    `await run()` connects (retrying per `backoff`), sends `session_update` after
+    `await run()` connects, sends `session_update` after
     session.created, and calls `on_event` on the loop with `Ready`, then every parsed
     server event, and last exactly one `Disconnected`: on every way out of run(),
-    cancellation and its own failures included. `send()` and `append_audio()` may be
+    cancellation and its own failures included. A definite failure (no name, refused,
+    unreachable, TLS, a 401/403/404/429 handshake) is reported at once; a maybe-transient
+    one (a timeout, a 5xx, a reset) is retried per `backoff`. close() cuts a connection
+    attempt or a back-off wait short. `send()` and `append_audio()` may be
     called at any time from the loop; one writer task sends in call order.
 
     Keepalive: a ping every `ping_interval` s; no pong within `ping_timeout` s (a
@@ -120,6 +147,7 @@ class RealtimeClient:
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
         self._ready = False
         self._closing = False
+        self._closed = asyncio.Event()
 
     # --- for the caller ------------------------------------------------------------
 
@@ -137,6 +165,7 @@ class RealtimeClient:
     def close(self) -> None:
         """End the conversation's socket; run() then reports Disconnected and returns."""
         self._closing = True
+        self._closed.set()
         self._outbox.put_nowait(None)
 
     @property
@@ -154,6 +183,10 @@ class RealtimeClient:
             log.exception("the realtime client failed; closing the connection")
             gone = Disconnected(f"speakerd's realtime client failed: {type(e).__name__}: {e}")
         finally:
+            said = self.preroll.size + self.preroll.dropped_bytes
+            if not self._ready and said:
+                log.info("dropped %d ms of what was said after the wake word: the "
+                         "session never came up", said // protocol.BYTES_PER_MS)
             try:
                 self._on_event(gone)
             except Exception:
@@ -191,33 +224,57 @@ class RealtimeClient:
                 delay = self._backoff.delay(attempt - 1, self._rng)
                 log.info("retrying the realtime connection in %.1f s (attempt %d of %d)",
                          delay, attempt + 1, self._backoff.attempts)
-                await asyncio.sleep(delay)
+                await self._unless_closed(asyncio.sleep(delay))
             if self._closing:
                 return Disconnected("closed by speakerd before connecting")
             started = time.monotonic()
             try:
-                ws = await connect(self.uri, additional_headers=headers,
-                                   user_agent_header=f"speakerd/{__version__}",
-                                   max_size=self._max_frame_bytes,
-                                   open_timeout=self._open_timeout,
-                                   ping_interval=self._ping_interval,
-                                   ping_timeout=self._ping_timeout,
-                                   close_timeout=self._close_timeout)
+                ws = await self._unless_closed(connect(
+                    self.uri, additional_headers=headers,
+                    user_agent_header=f"speakerd/{__version__}",
+                    max_size=self._max_frame_bytes, open_timeout=self._open_timeout,
+                    ping_interval=self._ping_interval, ping_timeout=self._ping_timeout,
+                    close_timeout=self._close_timeout))
             except InvalidStatus as e:
-                severity, last = protocol.classify_status(e.response.status_code)
+                status = e.response.status_code
+                severity, last = protocol.classify_status(status)
                 if severity is Severity.UNRECOVERABLE:
                     log.error("realtime server %s refused the connection: %s", self.host, last)
-                    return Disconnected(last, unrecoverable=True)
+                    return Disconnected(last, unrecoverable=True,
+                                        cause=protocol.cause_of_status(status))
                 log.warning("realtime server %s: %s", self.host, last)
             except (OSError, TimeoutError, websockets.InvalidHandshake) as e:
-                last = f"cannot reach {self.host}: {e}"
+                definite = definite_network_error(e)
+                last = f"cannot reach {self.host}: {definite + ': ' if definite else ''}{e}"
+                if isinstance(e, TimeoutError):
+                    last = (f"cannot reach {self.host}: no answer to the handshake within "
+                            f"{self._open_timeout:g} s")
+                if definite:
+                    log.error("%s", last)
+                    return Disconnected(last, unrecoverable=True, cause=protocol.UNREACHABLE)
                 log.warning("%s", last)
             else:
+                if ws is None:
+                    return Disconnected("closed by speakerd before connecting")
                 log.info("connected to %s in %.0f ms", self.host,
                          (time.monotonic() - started) * 1000)
                 return ws
         return Disconnected(f"no connection after {self._backoff.attempts} "
                             f"attempts; last: {last}")
+
+    async def _unless_closed(self, aw: Any) -> Any:
+        """`await aw`, unless close() comes first: then cancel it and return None."""
+        task = asyncio.ensure_future(aw)
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait((task, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            if not task.done():
+                task.cancel()
+        if not task.done() or task.cancelled():
+            return None
+        return task.result()
 
     async def _write(self, ws: ClientConnection) -> None:
         try:

@@ -30,9 +30,11 @@ def _event(type_: str, **fields: Any) -> dict[str, Any]:
 
 
 def session_update(*, model: str, instructions: str, voice: str, turn_detection: str,
-                   tools: Iterable[Mapping[str, Any]] = ()) -> dict[str, Any]:
-    """The first event after session.created: audio formats, VAD, voice and tools."""
-    return _event("session.update", session={
+                   tools: Iterable[Mapping[str, Any]] = (),
+                   transcription_model: str = "") -> dict[str, Any]:
+    """The first event after session.created: audio formats, VAD, voice and tools;
+    with `transcription_model`, the user's turns are transcribed too (for the log)."""
+    event = _event("session.update", session={
         "type": "realtime",
         "model": model,
         "output_modalities": ["audio"],
@@ -52,6 +54,9 @@ def session_update(*, model: str, instructions: str, voice: str, turn_detection:
         "tools": [dict(t) for t in tools],
         "tool_choice": "auto",
     })
+    if transcription_model:
+        event["session"]["audio"]["input"]["transcription"] = {"model": transcription_model}
+    return event
 
 
 def input_audio_append(pcm: bytes) -> dict[str, Any]:
@@ -110,6 +115,24 @@ def user_text(text: str) -> dict[str, Any]:
         "content": [{"type": "input_text", "text": text}]})
 
 
+PHRASE_METADATA = "speakerd_phrase"  # response.metadata key marking a phrase recording
+
+
+def phrase_response(text: str, voice: str, situation: str) -> dict[str, Any]:
+    """An out-of-band response (outside the conversation, with no context) in which the
+    model says `text` verbatim in `voice`: a status phrase, recorded for later."""
+    return _event("response.create", response={
+        "conversation": "none",
+        "input": [],
+        "output_modalities": ["audio"],
+        "instructions": ("Say exactly the following words, verbatim, calmly and kindly, "
+                         "and nothing else: " + json.dumps(text)),
+        "audio": {"output": {"format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
+                             "voice": voice}},
+        "metadata": {PHRASE_METADATA: situation},
+    })
+
+
 def response_cancel(response_id: str | None = None) -> dict[str, Any]:
     return _event("response.cancel", **({"response_id": response_id} if response_id else {}))
 
@@ -164,6 +187,7 @@ class AudioCommitted:
 @dataclass(frozen=True, slots=True)
 class ResponseCreated:
     response_id: str
+    phrase: str = ""  # an out-of-band phrase recording: its situation (see phrase_response)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +214,15 @@ class AudioDone:
 @dataclass(frozen=True, slots=True)
 class TranscriptDone:
     response_id: str
+    item_id: str
+    transcript: str
+
+
+@dataclass(frozen=True, slots=True)
+class InputTranscript:
+    """What the user said in item `item_id`, as the server's transcription heard it;
+    it may come before or after the response to that turn has begun."""
+
     item_id: str
     transcript: str
 
@@ -226,13 +259,13 @@ class Unknown:
 
 ServerEvent = (SessionCreated | SessionUpdated | ServerError | SpeechStarted | SpeechStopped
                | AudioCommitted | ResponseCreated | OutputItemAdded | AudioDelta | AudioDone
-               | TranscriptDone | ResponseDone | Ignored | Unknown)
+               | TranscriptDone | InputTranscript | ResponseDone | Ignored | Unknown)
 
 # Types in openai.types.realtime.RealtimeServerEvent that speakerd reads no field of.
 IGNORED_TYPES = frozenset({
     "conversation.created", "conversation.item.created", "conversation.item.deleted",
     "conversation.item.retrieved", "conversation.item.truncated", "conversation.item.added",
-    "conversation.item.done", "conversation.item.input_audio_transcription.completed",
+    "conversation.item.done",
     "conversation.item.input_audio_transcription.delta",
     "conversation.item.input_audio_transcription.failed",
     "conversation.item.input_audio_transcription.segment",
@@ -342,7 +375,9 @@ _PARSERS = {
     "input_audio_buffer.speech_started": lambda r: SpeechStarted(r.str("item_id")),
     "input_audio_buffer.speech_stopped": lambda r: SpeechStopped(r.str("item_id")),
     "input_audio_buffer.committed": lambda r: AudioCommitted(r.str("item_id")),
-    "response.created": lambda r: ResponseCreated(r.str("response.id")),
+    "response.created": lambda r: ResponseCreated(
+        r.str("response.id"),
+        r.get(f"response.metadata.{PHRASE_METADATA}", str, optional=True) or ""),
     "response.output_item.added": lambda r: OutputItemAdded(
         r.str("response_id"), r.str("item.id"), r.str("item.type")),
     "response.output_audio.delta": _audio_delta,
@@ -350,6 +385,8 @@ _PARSERS = {
     "response.output_audio_transcript.done": lambda r: TranscriptDone(
         r.str("response_id"), r.str("item_id"), r.str("transcript")),
     "response.done": _response_done,
+    "conversation.item.input_audio_transcription.completed": lambda r: InputTranscript(
+        r.str("item_id"), r.get("transcript", str, optional=True) or ""),
 }
 HANDLED_TYPES = frozenset(_PARSERS)
 
@@ -376,15 +413,46 @@ UNRECOVERABLE_ERRORS: dict[str, str] = {
     "account_deactivated": "the account is deactivated",
 }
 
-# Handshake HTTP status -> severity. 429 and 5xx are worth another try.
+# Handshake HTTP status -> severity. 408 and 5xx are worth another try.
 HANDSHAKE_STATUS: dict[int, tuple[Severity, str]] = {
     400: (Severity.UNRECOVERABLE, "bad request: check realtime.url and realtime.model"),
     401: (Severity.UNRECOVERABLE, "the API key was refused (HTTP 401): check the key"),
     403: (Severity.UNRECOVERABLE, "access denied (HTTP 403): the key may not use this model"),
     404: (Severity.UNRECOVERABLE, "not found (HTTP 404): check realtime.url and realtime.model"),
     408: (Severity.RETRY, "request timeout (HTTP 408)"),
-    429: (Severity.RETRY, "rate limited (HTTP 429)"),
+    # Out of quota or over the rate limit: not worth making the person wait through
+    # retries; the next wake word tries again.
+    429: (Severity.UNRECOVERABLE, "out of quota or rate-limited (HTTP 429): check billing "
+          "and usage limits"),
 }
+
+
+# What went wrong, in the words of the spoken status phrases (speakerd/phrases.py): the
+# situation a phrase is said for.
+UNREACHABLE = "unreachable"  # no network, no name, refused, TLS failure, too slow
+KEY_REFUSED = "key_refused"  # 401/403, invalid_api_key, permission errors
+QUOTA = "quota"  # 429, insufficient_quota
+FAILED = "failed"  # the service failed (mid-answer, unknown model, ...)
+MUTED = "muted"  # the talk button pressed while the microphone is off
+SITUATIONS = (UNREACHABLE, KEY_REFUSED, QUOTA, FAILED, MUTED)
+
+_CAUSES = {"invalid_api_key": KEY_REFUSED, "authentication_error": KEY_REFUSED,
+           "permission_error": KEY_REFUSED, "permission_denied": KEY_REFUSED,
+           "account_deactivated": KEY_REFUSED, "insufficient_quota": QUOTA,
+           "rate_limit_exceeded": QUOTA}
+
+
+def cause_of_error(error_type: str | None, code: str | None) -> str:
+    """The situation an unrecoverable error event puts the person in."""
+    for key in (code, error_type):
+        if key in _CAUSES:
+            return _CAUSES[key]
+    return FAILED
+
+
+def cause_of_status(status: int) -> str:
+    """The situation a refused handshake puts the person in."""
+    return {401: KEY_REFUSED, 403: KEY_REFUSED, 429: QUOTA}.get(status, FAILED)
 
 
 def classify_error(error_type: str | None, code: str | None) -> tuple[Severity, str]:
