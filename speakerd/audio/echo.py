@@ -268,3 +268,37 @@ class VoiceActivity:
                 self.speaking = True
                 onset = True
         return onset
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceOnset:
+    """Someone began to talk over the cleaned microphone (handed to the loop)."""
+
+
+class MicPath:
+    """What the capture thread does to each frame while a conversation is open:
+    cancel the echo (if a canceller is given), then listen for a voice (if a
+    detector is given). Called as Capture.clean: (frame, end_time) -> (frame, onset).
+    """
+
+    def __init__(self, canceller: EchoCanceller | None, vad: VoiceActivity | None) -> None:
+        self.canceller = canceller
+        self.vad = vad
+        # Set from the loop while an answer plays with the mic open (voice barge-in).
+        self.over_answer = False
+
+    def __call__(self, frame: bytes, end_time: float) -> tuple[bytes, VoiceOnset | None]:
+        if self.canceller is None:
+            if self.vad is None:
+                return frame, None
+            samples = resample.s16_to_float(frame)
+        else:
+            frame, samples = self.canceller.process(frame, end_time)
+            if self.over_answer and not self.canceller.adapted:
+                # A fresh canceller lets the answer through for its first second or
+                # so: the server's own VAD would take that for the user's next turn.
+                frame = bytes(len(frame))
+                samples = np.zeros_like(samples)
+        if self.vad is None or not self.vad.update(samples):
+            return frame, None
+        return frame, VoiceOnset()
