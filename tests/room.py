@@ -104,3 +104,54 @@ def user_wav(path: Path, text: str, level_dbfs: float, lead_s: float = 0.0) -> t
     x = np.concatenate([silence(lead_s), x.astype(np.float32), silence(0.5)])
     onset = int(np.argmax(np.abs(x) > 10 ** ((level_dbfs - 20) / 20))) / 16000
     return write_wav(path, x), onset
+
+
+class Monitor:
+    """parec on spk.monitor: the arrival time and level of every 10 ms the speaker played."""
+
+    def __init__(self, pulse: Pulse) -> None:
+        import threading
+        import time
+        self._time = time.monotonic
+        self.blocks: list[tuple[float, float]] = []  # (arrival, rms of s16)
+        self.proc = subprocess.Popen(
+            ["parec", "-d", "spk.monitor", "--raw", "--format=s16le", "--rate=24000",
+             "--channels=1", "--latency-msec=5"], env=pulse.env, stdout=subprocess.PIPE)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while block := self.proc.stdout.read(480):
+            x = np.frombuffer(block, "<i2").astype(np.float64)
+            self.blocks.append((self._time(), float(np.sqrt(np.mean(x ** 2)))))
+
+    def loud_spans(self, quiet_s: float = 0.6, level: float = 300.0) -> list[tuple[float, float]]:
+        """(start, end) of each stretch of sound with no quiet gap of `quiet_s` in it."""
+        spans: list[list[float]] = []
+        for at, rms in list(self.blocks):
+            if rms < level:
+                continue
+            if spans and at - spans[-1][1] < quiet_s:
+                spans[-1][1] = at
+            else:
+                spans.append([at, at])
+        return [(a, b) for a, b in spans]
+
+    def silent_from(self, t: float, quiet_s: float = 0.5, level: float = 50.0) -> float | None:
+        """The start of the first `quiet_s` of silence after `t`."""
+        start = None
+        for at, rms in list(self.blocks):
+            if at < t:
+                continue
+            if rms >= level:
+                start = None
+            elif start is None:
+                start = at
+            elif at - start >= quiet_s:
+                return start
+        return None
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(5)

@@ -38,7 +38,19 @@ LEAD_MS = 10
 # ignored up to this much; beyond it the stream is realigned to the clock. Past
 # this, AEC3 re-finds the delay itself within a few frames.
 PLAYBACK_SLACK_MS = 30
-CAPTURE_SLACK_MS = 60
+CAPTURE_SLACK_MS = 30
+# A read returns its samples late by however long the thread, the driver or a sound
+# server kept them (PulseAudio here: bursts up to 100 ms late, more under load). The
+# microphone's frame clock is the lower envelope of the readings: it follows an
+# earlier reading at once and rises by at most CAPTURE_DRIFT (a clock running slow
+# by that much; USB sound cards are within 0.1 ms/s), so late bursts never move it.
+CAPTURE_DRIFT = 0.0005  # seconds per second
+# Every reading this much above the envelope for CAPTURE_STUCK_FRAMES: samples were
+# lost (an overrun), and the envelope starts again from the readings.
+CAPTURE_LOST_S = 0.15
+CAPTURE_STUCK_FRAMES = 25  # 2 s
+# A gap this long between frames: a new stream (a new conversation, an overrun).
+CAPTURE_GAP_S = 0.5
 # Reference frames quieter than this played nothing worth measuring.
 ACTIVE_DBFS = -50.0
 # A second of playback with this much echo removed: the canceller has converged.
@@ -82,23 +94,42 @@ class Reference:
         self._rate = 0
         self._next: int | None = None  # 16 kHz index where the next played sample goes
         self._next_time = 0.0  # the device clock's time for it
+        self._run_start = 0  # where the current run of contiguous writes began
         self.realigned = 0
 
-    def played(self, samples: np.ndarray, rate: int, heard_at: float) -> None:
-        """`samples` (float mono at the device `rate`) went to ALSA; the first is heard
-        at monotonic time `heard_at` (now + the frames queued ahead of it / rate)."""
+    def played(self, samples: np.ndarray, rate: int, heard_at: float,
+               written_at: float | None = None) -> None:
+        """`samples` (float mono at the device `rate`) went to ALSA in a write that
+        began at `written_at`; the first is heard at monotonic time `heard_at` (the
+        write's end plus the frames queued ahead of it / rate)."""
+        written_at = heard_at if written_at is None else written_at
         if rate != self._rate or self._resampler is None:
             self._resampler = resample.Resampler(rate, RATE)
             self._rate = rate
             self._next = None
-        expected = self._next_time
-        if self._next is None or abs(heard_at - expected) * 1000 > PLAYBACK_SLACK_MS:
+        jump = heard_at - self._next_time
+        if self._next is not None and jump * 1000 > PLAYBACK_SLACK_MS \
+                and written_at < self._next_time:
+            # Heard later than the frame clock said, though the write began while
+            # the run's audio was still queued: the device held back what it had
+            # accepted (a sound server fills its buffer before it starts playing)
+            # and the write waited for it. It ran late, not dry: the run's audio so
+            # far moves to when it will be heard.
+            self._shift(round(jump * RATE))
+            self._next_time = heard_at
+            self.realigned += 1
+            log.debug("echo reference moved %+.0f ms: the speaker started late", jump * 1000)
+        elif self._next is None or abs(jump) * 1000 > PLAYBACK_SLACK_MS:
             # The device ran dry, was flushed, or this is the first write: its frame
             # clock starts again here. A fresh resampler has no tail of the old run.
             if self._next is not None:
                 self.realigned += 1
+                log.debug("echo reference realigned by %+.0f ms (the speaker ran dry, was "
+                          "flushed, or its clock jumped; the write began %.0f ms after the "
+                          "last audio was due)", jump * 1000,
+                          (written_at - self._next_time) * 1000)
             self._resampler = resample.Resampler(rate, RATE)
-            self._next = round(heard_at * RATE)
+            self._next = self._run_start = round(heard_at * RATE)
             self._next_time = heard_at
         # Within the slack the frame clock is exact: place the samples right after
         # the previous ones, not where a jittery reading says.
@@ -113,6 +144,22 @@ class Reference:
         with self._lock:
             self._ring[index % RING_SAMPLES] = out
             self._stamp[index % RING_SAMPLES] = index
+
+    def _shift(self, by: int) -> None:
+        """Move the current run's samples `by` samples later."""
+        assert self._next is not None
+        old = np.arange(max(self._run_start, self._next - RING_SAMPLES // 2), self._next,
+                        dtype=np.int64)
+        with self._lock:
+            slots = old % RING_SAMPLES
+            keep = self._stamp[slots] == old
+            values = self._ring[slots][keep]
+            self._stamp[slots[keep]] = -1
+            new = old[keep] + by
+            self._ring[new % RING_SAMPLES] = values
+            self._stamp[new % RING_SAMPLES] = new
+        self._run_start += by
+        self._next += by
 
     def clear(self) -> None:
         """Playback flushed: what was queued will never be heard."""
@@ -146,6 +193,12 @@ class EchoCanceller:
                                    noise_suppression=noise_suppression)
         self._lead = lead_ms / 1000
         self._cursor: int | None = None  # 16 kHz index of the next frame's reference
+        # The microphone's frame clock: frames since the stream began, and the
+        # recent readings of the time its first sample was captured.
+        self._mic_samples = 0
+        self._start: float | None = None  # the envelope: when sample 0 was captured
+        self._above = 0  # readings in a row far above it
+        self._last_end = -math.inf
         self._lock = threading.Lock()
         self._mic_energy = 0.0
         self._out_energy = 0.0
@@ -155,9 +208,10 @@ class EchoCanceller:
         self.realigned = 0
         self.frames = 0
 
-    def played(self, samples: np.ndarray, rate: int, heard_at: float) -> None:
+    def played(self, samples: np.ndarray, rate: int, heard_at: float,
+               written_at: float | None = None) -> None:
         """Playback thread: see Reference.played."""
-        self.reference.played(samples, rate, heard_at)
+        self.reference.played(samples, rate, heard_at, written_at)
 
     def flushed(self) -> None:
         """Playback thread: the device dropped what it held."""
@@ -168,10 +222,29 @@ class EchoCanceller:
         `end_time` (monotonic) -> (the cleaned frame, as s16le and as float)."""
         mic = resample.s16_to_float(frame)
         n = mic.size
-        want = round((end_time + self._lead) * RATE) - n
+        if end_time - self._last_end > CAPTURE_GAP_S:
+            self._mic_samples = 0
+            self._start = None
+        dt = max(0.0, end_time - self._last_end)
+        self._last_end = end_time
+        self._mic_samples += n
+        # A reading is never earlier than the truth, only later.
+        reading = end_time - self._mic_samples / RATE
+        if self._start is None or reading < self._start:
+            self._start, self._above = reading, 0
+        else:
+            self._start += min(reading - self._start, CAPTURE_DRIFT * dt)
+            self._above = self._above + 1 if reading - self._start > CAPTURE_LOST_S else 0
+            if self._above >= CAPTURE_STUCK_FRAMES:
+                log.debug("microphone samples were lost: its clock starts again")
+                self._start, self._above = reading, 0
+        start = self._start
+        want = round((start + self._mic_samples / RATE + self._lead) * RATE) - n
         if self._cursor is None or abs(self._cursor - want) > CAPTURE_SLACK_MS * RATE / 1000:
             if self._cursor is not None:
                 self.realigned += 1
+                log.debug("microphone clock realigned by %+.0f ms",
+                          (want - self._cursor) * 1000 / RATE)
             self._cursor = want
         ref = self.reference.take(self._cursor, n)
         self._cursor += n

@@ -37,7 +37,8 @@ PERIODS = 6
 
 
 class EchoSink(Protocol):
-    def played(self, samples: np.ndarray, rate: int, heard_at: float) -> None: ...
+    def played(self, samples: np.ndarray, rate: int, heard_at: float,
+               written_at: float) -> None: ...
     def flushed(self) -> None: ...
 
 
@@ -283,6 +284,7 @@ class Playback:
         period = fmt.rate * self.period_ms // 1000 * fmt.frame_bytes
         piece, rest = data[:period], data[period:]
         r = s.responses.get(rid)
+        began = time.monotonic()
         try:
             n = s.pcm.write(piece)
         except alsaaudio.ALSAAudioError as e:
@@ -318,7 +320,7 @@ class Playback:
             # first (avail() read after the write, so the queue includes it).
             ahead = s.written - self._position(s) - frames
             echo.played(resample.to_float(piece[:written_bytes], fmt), fmt.rate,
-                        s.last_active + max(0, ahead) / fmt.rate)
+                        s.last_active + max(0, ahead) / fmt.rate, began)
         if written_bytes >= len(piece) and not rest:
             s.pending.popleft()
             if r is not None:
