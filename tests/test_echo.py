@@ -242,3 +242,58 @@ class TestVoiceActivity:
         speech[4000:12000] += np.random.default_rng(3).standard_normal(8000).astype(
             np.float32) * 0.05  # 500 ms
         assert any(vad.update(speech[i:i + 1280]) for i in range(0, R, 1280))
+
+
+class TestLateStart:
+    def test_a_device_that_starts_late_takes_the_reference_with_it(self) -> None:
+        # A sound server accepts the first 80 ms at once, then holds the next write
+        # for 0.8 s before it starts playing: the 80 ms were heard 0.8 s later than
+        # the frame clock said, and they move there.
+        ref = echo.Reference()
+        tone = np.ones(480, np.float32) * 0.5  # 20 ms at 24 kHz
+        for k in range(4):
+            ref.played(tone, DEVICE_RATE, T0 + k * 0.02, written_at=T0)
+        ref.played(tone, DEVICE_RATE, T0 + 0.88, written_at=T0 + 0.001)
+        start = round((T0 + 0.8) * R)
+        assert ref.realigned == 1
+        assert not ref.take(round(T0 * R) + 160, 960).any()  # moved away from here
+        assert abs(float(np.mean(ref.take(start + 160, 1280))) - 0.5) < 0.02  # to here
+
+    def test_a_device_that_ran_dry_starts_a_new_run_instead(self) -> None:
+        ref = echo.Reference()
+        tone = np.ones(2400, np.float32) * 0.5  # 100 ms
+        ref.played(tone, DEVICE_RATE, T0, written_at=T0)
+        # The next write began after the first piece had played: a gap, not a delay.
+        ref.played(tone, DEVICE_RATE, T0 + 0.5, written_at=T0 + 0.5)
+        assert ref.realigned == 1
+        assert abs(float(np.mean(ref.take(round(T0 * R) + 320, 640))) - 0.5) < 0.02
+
+
+class TestMicPath:
+    def test_over_the_answer_a_fresh_canceller_sends_silence_and_hears_no_voice(self) -> None:
+        played, spans = answers()
+        room = Room(played)
+        canceller = EchoCanceller()
+        path = echo.MicPath(canceller, VoiceActivity())
+        path.over_answer = True
+        device = soxr.resample(played, R, DEVICE_RATE).astype(np.float32)
+        first = []
+        for f in range(-2, spans[0][1] // 1280):
+            # The speaker is written 160 ms ahead of what the microphone hears.
+            i = (f + 2) * 1920
+            canceller.played(device[i:i + 1920], DEVICE_RATE, T0 + i / DEVICE_RATE)
+            if f < 0:
+                continue
+            end = T0 + (f + 1) * 1280 / R
+            frame, onset = path(echo_pcm(room.mic[f * 1280:(f + 1) * 1280]), end + 0.01)
+            assert onset is None
+            first.append(frame)
+        assert first[0] == bytes(2560)  # not adapted yet: silence
+        assert canceller.adapted and any(f != bytes(2560) for f in first)
+
+    def test_without_a_canceller_the_voice_detector_hears_the_raw_mic(self) -> None:
+        path = echo.MicPath(None, VoiceActivity())
+        speech = level(speak(USER), 0.3)
+        onsets = [path(echo_pcm(speech[i:i + 1280]), 0.0)[1]
+                  for i in range(0, speech.size - 1279, 1280)]
+        assert sum(o is not None for o in onsets) >= 1

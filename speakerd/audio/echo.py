@@ -55,6 +55,10 @@ CAPTURE_GAP_S = 0.5
 ACTIVE_DBFS = -50.0
 # A second of playback with this much echo removed: the canceller has converged.
 ADAPTED_DB = 20.0
+# After either stream was realigned (an answer starting after silence, an underrun,
+# a flush), AEC3 takes a moment to find the echo again: frames while it does are not
+# evidence of a voice. In the simulated room the start of an answer needed ~0.6 s.
+SETTLE_FRAMES = 13  # 1 s
 
 
 def dbfs(x: np.ndarray) -> float:
@@ -96,6 +100,7 @@ class Reference:
         self._next_time = 0.0  # the device clock's time for it
         self._run_start = 0  # where the current run of contiguous writes began
         self.realigned = 0
+        self.runs = 0  # runs begun or moved: each one needs AEC3 to find the echo again
 
     def played(self, samples: np.ndarray, rate: int, heard_at: float,
                written_at: float | None = None) -> None:
@@ -118,6 +123,7 @@ class Reference:
             self._shift(round(jump * RATE))
             self._next_time = heard_at
             self.realigned += 1
+            self.runs += 1
             log.debug("echo reference moved %+.0f ms: the speaker started late", jump * 1000)
         elif self._next is None or abs(jump) * 1000 > PLAYBACK_SLACK_MS:
             # The device ran dry, was flushed, or this is the first write: its frame
@@ -128,6 +134,7 @@ class Reference:
                           "flushed, or its clock jumped; the write began %.0f ms after the "
                           "last audio was due)", jump * 1000,
                           (written_at - self._next_time) * 1000)
+            self.runs += 1
             self._resampler = resample.Resampler(rate, RATE)
             self._next = self._run_start = round(heard_at * RATE)
             self._next_time = heard_at
@@ -207,6 +214,8 @@ class EchoCanceller:
         self.adapted = False
         self.realigned = 0
         self.frames = 0
+        self._seen_realigns = 0
+        self._settling = 0  # frames left before the output is trusted again
 
     def played(self, samples: np.ndarray, rate: int, heard_at: float,
                written_at: float | None = None) -> None:
@@ -248,6 +257,12 @@ class EchoCanceller:
             self._cursor = want
         ref = self.reference.take(self._cursor, n)
         self._cursor += n
+        realigns = self.realigned + self.reference.runs
+        if realigns != self._seen_realigns:
+            self._seen_realigns = realigns
+            self._settling = SETTLE_FRAMES
+        elif self._settling:
+            self._settling -= 1
         out = self._aec.process(mic, ref)
         self.frames += 1
         if dbfs(ref) > ACTIVE_DBFS:
@@ -260,6 +275,11 @@ class EchoCanceller:
             if not self.adapted:
                 self._check_adapted(mic_e, out_e, n)
         return resample.float_to_s16(out), out
+
+    @property
+    def trusted(self) -> bool:
+        """Has it converged, and not been realigned within the last second?"""
+        return self.adapted and not self._settling
 
     def _check_adapted(self, mic_e: float, out_e: float, n: int) -> None:
         """A fresh AEC3 lets echo through for its first second or so: until it has
@@ -367,9 +387,10 @@ class MicPath:
             samples = resample.s16_to_float(frame)
         else:
             frame, samples = self.canceller.process(frame, end_time)
-            if self.over_answer and not self.canceller.adapted:
+            if self.over_answer and not self.canceller.trusted:
                 # A fresh canceller lets the answer through for its first second or
-                # so: the server's own VAD would take that for the user's next turn.
+                # so, a realigned one for a moment: the server's own VAD would take
+                # that for the user's next turn, and the detector for a barge-in.
                 frame = bytes(len(frame))
                 samples = np.zeros_like(samples)
         if self.vad is None or not self.vad.update(samples):
