@@ -123,11 +123,11 @@ async def barge_ins(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path,
             hits += 1
             player.wait(10)
             spoke = started + onset
-            silent = monitor.silent_from(spoke - 0.1)
+            await asyncio.sleep(0.6)
+            truncates = server.of_type("conversation.item.truncate")[before:]
+            silent = monitor.silent_by(truncates[0].at) if truncates else None
             if silent is not None:
                 delays.append(silent - spoke)
-            await asyncio.sleep(0.5)
-            truncates = server.of_type("conversation.item.truncate")[before:]
             spans = [s for s in monitor.loud_spans() if silent and s[0] < silent]
             if truncates and spans and silent:
                 errors.append(truncates[0].event["audio_end_ms"]

@@ -138,19 +138,13 @@ class Monitor:
                 spans.append([at, at])
         return [(a, b) for a, b in spans]
 
-    def silent_from(self, t: float, quiet_s: float = 0.5, level: float = 50.0) -> float | None:
-        """The start of the first `quiet_s` of silence after `t`."""
-        start = None
-        for at, rms in list(self.blocks):
-            if at < t:
-                continue
-            if rms >= level:
-                start = None
-            elif start is None:
-                start = at
-            elif at - start >= quiet_s:
-                return start
-        return None
+    def silent_by(self, flushed: float, level: float = 300.0, within: float = 0.5
+                  ) -> float | None:
+        """When the speaker fell silent for a flush around `flushed` (the truncate's
+        arrival): just after the last loud 10 ms before `flushed + within`, which is
+        sooner than any next answer could start."""
+        loud = [at for at, rms in list(self.blocks) if rms >= level and at < flushed + within]
+        return loud[-1] + 0.01 if loud else None
 
     def stop(self) -> None:
         self.proc.terminate()

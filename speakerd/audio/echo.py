@@ -323,7 +323,7 @@ class VoiceActivity:
 
     SUB = 160  # 10 ms decisions
 
-    def __init__(self, *, min_voiced_ms: int = 60, min_span_ms: int = 150,
+    def __init__(self, *, min_voiced_ms: int = 100, min_span_ms: int = 200,
                  window_ms: int = 500, hangover_ms: int = 500, floor_dbfs: float = -55.0,
                  above_noise_db: float = 15.0) -> None:
         self.min_voiced = min_voiced_ms // 10
