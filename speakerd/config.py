@@ -67,7 +67,7 @@ class AudioConfig:
     mixer_device: str = _opt("", 'ALSA ctl device of that control; "" = the playback card')
     playback_volume: float = _opt(0.8, "software gain before ALSA, 0.0-1.0", lo=0.0, hi=1.0)
     follow_up_guard_ms: int = _opt(150, "ms the mic stays closed after the drain", lo=0, hi=5000)
-    echo_cancellation: str = _opt("software", "remove the speaker's own sound from the mic "
+    echo_cancellation: str = _opt("off", "remove the speaker's own sound from the mic "
                                   "during a conversation: software (WebRTC AEC3 here), "
                                   "device (the mic hardware does it), off",
                                   choices=("software", "device", "off"))

@@ -25,7 +25,7 @@ class TestDefaults:
         assert c.audio == config.AudioConfig(
             capture_device="default", playback_device="default", mixer_control="PCM",
             mixer_device="", playback_volume=0.8, follow_up_guard_ms=150,
-            echo_cancellation="software")
+            echo_cancellation="off")
         assert c.wake_word == config.WakeWordConfig(("hey_jarvis",), 0.5, 2.0, 1, {})
         assert c.realtime.url == "wss://api.openai.com/v1/realtime"
         assert c.realtime.model == "gpt-realtime"

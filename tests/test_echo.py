@@ -91,7 +91,7 @@ class Room:
             frame = self.mic[f * 1280:(f + 1) * 1280]
             _, clean = canceller.process(echo_pcm(frame), end + late)
             out.append(clean)
-            if vad and vad.update(clean) and canceller.adapted:
+            if vad and vad.update(clean) and canceller.trusted:
                 onsets.append(f)
         return np.concatenate(out), onsets
 

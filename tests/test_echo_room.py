@@ -23,9 +23,15 @@ from .room import Loopback, Monitor, answer_pcm, user_wav
 from .speech import have_espeak, silence, speak
 from .test_e2e import Speaker, request
 
-# echo_cancellation is "software" by default.
 VOICE = ("[conversation]\nbarge_in = 'voice'\nfollow_up_seconds = 6\n"
          "[log]\nlevel = 'debug'\n")
+
+
+def voice_speaker(tmp_path, pulse, server: RealtimeServer) -> Speaker:
+    spk = Speaker(tmp_path, pulse, server, VOICE)
+    spk.config.write_text(spk.config.read_text().replace(
+        "[audio]\n", "[audio]\necho_cancellation = 'software'\n", 1))
+    return spk
 FOLLOW_UPS = ["and what about the weekend", "tell me more about that",
               "and after that"]
 
@@ -73,7 +79,7 @@ async def test_echo_alone_never_barges_in_and_is_removed(tmp_path, room):
     server = RealtimeServer(vad=True, replies=[Reply(pcm=a, speed=20) for a in answers])
     monitor = Monitor(room.pulse)
     async with server:
-        spk = Speaker(tmp_path, room.pulse, server, VOICE)
+        spk = voice_speaker(tmp_path, room.pulse, server)
         await spk.start()
         try:
             spk.say(request("what is the weather tomorrow"), "turn0")
@@ -104,7 +110,7 @@ async def test_talking_over_the_answer_barges_in(tmp_path, room):
     monitor = Monitor(room.pulse)
     rng = random.Random(17)
     async with server:
-        spk = Speaker(tmp_path, room.pulse, server, VOICE)
+        spk = voice_speaker(tmp_path, room.pulse, server)
         await spk.start()
         try:
             spk.say(request("what is the weather tomorrow"), "turn0")
