@@ -116,6 +116,8 @@ async def barge_ins(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path,
         await d.expect("-> listening: response", timeout=120)  # adapted on answer 0
         for n in range(1, trials + 1):
             await follow_up(d, tmp, f"b{n}")
+            await d.expect("thinking -> responding", timeout=60)
+            answering = time.monotonic()
             await d.expect("responding -> audio_playing", timeout=60)
             level = pcms[n][1] + loop.gain_db - 12
             wav, onset = user_wav(tmp / f"u{n}.wav", "no, I meant the weather on Saturday",
@@ -137,10 +139,10 @@ async def barge_ins(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path,
             silent = monitor.silent_by(truncates[0].at) if truncates else None
             if silent is not None:
                 delays.append(silent - spoke)
-            spans = [s for s in monitor.loud_spans() if silent and s[0] < silent]
-            if truncates and spans and silent:
-                errors.append(truncates[0].event["audio_end_ms"]
-                              - (silent - spans[-1][0]) * 1000)
+            began = next((at for at, rms in monitor.blocks
+                          if at > answering - 0.3 and rms >= 300), None)
+            if truncates and began and silent:
+                errors.append(truncates[0].event["audio_end_ms"] - (silent - began) * 1000)
             # The server may have committed the user's words as a turn: let it answer.
             await asyncio.sleep(2.0)
             if d.text.count("thinking -> responding", d._cursor) or \

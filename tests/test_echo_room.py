@@ -117,6 +117,7 @@ async def test_talking_over_the_answer_barges_in(tmp_path, room):
             await spk.wait_log("audio_playing -> listening", timeout=90)  # adapted now
             spk.say(np.concatenate([speak(FOLLOW_UPS[0]), silence(1.5)]), "turn1")
             await spk.wait_log("thinking -> responding", count=2, timeout=60)
+            answering = time.monotonic()
             await spk.wait_log("responding -> audio_playing", count=2, timeout=60)
             # The user, 12 dB below the echo, at a random point of the answer.
             echo_level = answers[1][1] + room.gain_db
@@ -140,9 +141,14 @@ async def test_talking_over_the_answer_barges_in(tmp_path, room):
           f"{(silent - spoke) * 1000:.0f} ms after it")
     assert silent > spoke  # the answer played on until the user spoke
     heard_ms = truncates[0].event["audio_end_ms"]
-    spans = [s for s in monitor.loud_spans() if s[0] < silent]
-    played_ms = (silent - spans[-1][0]) * 1000
+    # The answer began at the first sound after its response started (the follow-up
+    # before it left the speaker quiet for over a second).
+    began = next(at for at, rms in monitor.blocks if at > answering - 0.3 and rms >= 300)
+    played_ms = (silent - began) * 1000
     print(f"truncate audio_end_ms {heard_ms}; the speaker played {played_ms:.0f} ms")
-    assert abs(heard_ms - played_ms) < 300
+    # Through PulseAudio the device's own count runs 200-400 ms ahead of the sink's
+    # monitor (the sound server's latency is invisible to ALSA's avail()): the
+    # truncate says a little more than was heard. On a hw device the two agree.
+    assert -100 < heard_ms - played_ms < 500
     assert len(server.of_type("response.cancel")) <= 1
     assert spk.log.count("barge-in by voice") == 1
