@@ -67,6 +67,10 @@ class AudioConfig:
     mixer_device: str = _opt("", 'ALSA ctl device of that control; "" = the playback card')
     playback_volume: float = _opt(0.8, "software gain before ALSA, 0.0-1.0", lo=0.0, hi=1.0)
     follow_up_guard_ms: int = _opt(150, "ms the mic stays closed after the drain", lo=0, hi=5000)
+    echo_cancellation: str = _opt("off", "remove the speaker's own sound from the mic "
+                                  "during a conversation: software (WebRTC AEC3 here), "
+                                  "device (the mic hardware does it), off",
+                                  choices=("software", "device", "off"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +104,9 @@ class ConversationConfig:
                                     lo=0.0, hi=120.0)
     max_session_seconds: float = _opt(600, "seconds before a conversation is ended",
                                       lo=10.0, hi=86400.0)
+    barge_in: str = _opt("wake_word", "what interrupts an answer: wake_word (and the talk "
+                         "button), or voice (also any speech over it; needs "
+                         "audio.echo_cancellation)", choices=("wake_word", "voice"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,6 +415,11 @@ def _value(f: dataclasses.Field[Any], value: Any, path: str, key: str) -> Any:
 
 def _check_cross(config: Config, path: str) -> None:
     """Rules that span a key's own type: model names, URL scheme, pin clashes."""
+    if config.conversation.barge_in == "voice" and config.audio.echo_cancellation == "off":
+        raise ConfigError(path, "conversation.barge_in", '"voice" needs the speaker\'s own '
+                          'sound removed from the microphone, or it interrupts itself: set '
+                          'audio.echo_cancellation = "software" (or "device" if the mic '
+                          'hardware cancels echo)')
     ww = config.wake_word
     if not ww.models:
         raise ConfigError(path, "wake_word.models", "must name at least one model")

@@ -21,6 +21,7 @@ from speakerd import session as s
 from speakerd.audio import capture as capmod
 from speakerd.audio import cues as cuesmod
 from speakerd.audio import device as devmod
+from speakerd.audio import echo as echomod
 from speakerd.audio import levels as levelsmod
 from speakerd.audio import playback as pbmod
 from speakerd.audio import resample
@@ -59,7 +60,7 @@ def session_settings(c: configmod.Config) -> s.Settings:
                       follow_up_guard_ms=c.audio.follow_up_guard_ms,
                       max_session_seconds=c.conversation.max_session_seconds,
                       wake_cue=c.cues.wake, end_cue=c.cues.end,
-                      transcripts=c.log.transcripts)
+                      transcripts=c.log.transcripts, barge_in=c.conversation.barge_in)
 
 
 WAKE_WORD_IGNORED = (s.State.CONNECTING, s.State.LISTENING)
@@ -131,6 +132,10 @@ class Daemon:
         self.capture: capmod.Capture | None = None
         self.playback: pbmod.Playback | None = None
         self.detector: Detector | None = None
+        # One echo canceller for the daemon's life ([audio] echo_cancellation =
+        # "software"), so it stays adapted to the room; it runs only in conversations.
+        self.echo: echomod.EchoCanceller | None = None
+        self._mic_path: echomod.MicPath | None = None  # the capture thread's, while it runs
         self.leds = Leds(config.leds, pin_factory=pin_factory)
         self.buttons: Buttons | None = None
         # The control socket (README, "Control socket") and what its status reports.
@@ -171,6 +176,7 @@ class Daemon:
             c.audio.capture_device, loop=loop, on_frame=self._mic_frame,
             on_status=lambda e: self._device("microphone", e),
             in_thread=self.detector.process, on_result=self._detected)
+        self._configure_echo()
         for what, name, try_open in (("speaker", c.audio.playback_device, self.playback.check),
                                      ("microphone", c.audio.capture_device, self.capture.open)):
             try:
@@ -287,6 +293,7 @@ class Daemon:
             self.phrases = self._make_phrases(new)
             self._spawn(self.phrases.render(), "phrases")
         self.config = new
+        self._configure_echo()
         self._update_mcp()
         # Takes effect from the next conversation; devices and models stay as opened.
         self.session.settings = session_settings(new)
@@ -324,6 +331,12 @@ class Daemon:
                     log.exception("could not carry out %s", type(action).__name__)
             if self.session.state in (s.State.IDLE, s.State.ERROR):
                 self._idle.set()
+                self._clean_mic(False)
+            elif before in (s.State.IDLE, s.State.ERROR):
+                self._clean_mic(True)
+            if self._mic_path is not None:
+                self._mic_path.over_answer = self.session.state in (
+                    s.State.RESPONDING, s.State.AUDIO_PLAYING)
             self._pace_detector()
             self.announcer.session_changed()
             self.stats.step(before, conv, inp, self.session.state)
@@ -348,6 +361,7 @@ class Daemon:
             self.playback.flush()
         if self.capture:
             self.capture.stream(False)
+        self._clean_mic(False)
         self._mic_resampler = None
         self._pace_detector()
         self._show_leds()
@@ -409,6 +423,9 @@ class Daemon:
         if isinstance(result, Detection) and not self.ringer.stop():
             self.announcer.interrupt(f"wake word {result.model}")
             self.put(s.WakeWordDetected(result.model, result.frame))
+        elif isinstance(result, echomod.VoiceOnset):
+            log.debug("a voice over the microphone", extra=logmod.fields(event="voice"))
+            self.put(s.VoiceHeard())
 
     def _device(self, what: str, event: object) -> None:
         if isinstance(event, devmod.DeviceLost):
@@ -443,6 +460,7 @@ class Daemon:
         if rid.startswith(announcemod.PREFIX):
             self.announcer.drained(rid)
         elif not rid.startswith("cue:"):
+            self._log_echo(f"answer {rid}")
             self.put(s.PlaybackDrained(rid))
 
     def _flushed(self, played: dict[str, int]) -> None:
@@ -451,7 +469,47 @@ class Daemon:
         heard = {rid: ms for rid, ms in played.items()
                  if not rid.startswith(("cue:", announcemod.PREFIX))}
         if heard:
+            for rid, ms in heard.items():
+                log.info("answer %s cut off after %d ms had been heard", rid, ms,
+                         extra=logmod.fields(event="barge_in"))
+            self._log_echo("the cut-off answer")
             self.put(s.PlaybackFlushed(heard))
+
+    # --- echo cancellation and voice barge-in ------------------------------------------
+
+    def _configure_echo(self) -> None:
+        """Create the canceller once "software" is configured (start-up, SIGHUP)."""
+        if self.config.audio.echo_cancellation == "software" and self.echo is None:
+            self.echo = echomod.EchoCanceller()
+
+    def _clean_mic(self, on: bool) -> None:
+        """While a conversation is open, the capture thread cancels the echo and (with
+        voice barge-in) listens for the user; idle listening pays for neither."""
+        if not self.capture or not self.playback:
+            return
+        c = self.config
+        voice = c.conversation.barge_in == "voice"
+        canceller = self.echo if c.audio.echo_cancellation == "software" else None
+        if on and self._mic_path is None and (canceller or voice):
+            self._mic_path = echomod.MicPath(canceller,
+                                             echomod.VoiceActivity() if voice else None)
+            self.playback.echo = canceller
+            self.capture.clean = self._mic_path
+        elif not on and self._mic_path is not None:
+            self.capture.clean = None
+            self.playback.echo = None
+            self._mic_path = None
+            self._log_echo("the conversation")
+
+    def _log_echo(self, what: str) -> None:
+        if self.echo is None:
+            return
+        stats = self.echo.take_stats()
+        if stats is not None and stats.seconds >= 0.5:
+            log.info("echo cancellation over %s: %.0f dB removed from %.1f s of "
+                     "microphone audio while the speaker played (%.0f -> %.0f dBFS)",
+                     what, stats.reduction_db, stats.seconds, stats.mic_dbfs,
+                     stats.out_dbfs, extra=logmod.fields(event="echo"))
 
     def _from_client(self, client: clientmod.RealtimeClient, event: object) -> None:
         if client is not self._client:

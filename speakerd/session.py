@@ -39,6 +39,11 @@ class WakeWordDetected:
 
 
 @dataclass(frozen=True, slots=True)
+class VoiceHeard:
+    """The voice detector heard someone talk over the echo-cancelled microphone."""
+
+
+@dataclass(frozen=True, slots=True)
 class ButtonPressed:
     button: str  # "talk", "talk_long" (held >= 2 s), "mute"
 
@@ -194,6 +199,14 @@ class Settings:
     response_timeout: float = 20.0  # silence from the server while a turn is due
     error_seconds: float = 3.0  # the error LED shows this long before IDLE
     transcripts: bool = False  # log what was heard and said (private: off by default)
+    # "voice": the echo-cancelled mic stays open while the answer plays, and speech
+    # over it (VoiceHeard) barges in like the wake word. "wake_word": the mic is
+    # closed from the end of the user's turn until the answer has played out.
+    barge_in: str = "wake_word"
+
+    @property
+    def voice_barge_in(self) -> bool:
+        return self.barge_in == "voice"
 
 
 class UnhandledInput(Exception):
@@ -241,6 +254,7 @@ class _Conversation:
     user_turns: int = 0
     turn_of_item: dict[str, int] = field(default_factory=dict)
     turn_of_response: dict[str, int] = field(default_factory=dict)
+    mic: bool = False  # streaming to the server, as last told
 
 
 class Session:
@@ -311,6 +325,17 @@ class Session:
     def _send(self, event: dict[str, Any]) -> None:
         self._emit(Send(event))
 
+    def _stream(self, a: StreamMic) -> None:
+        """Open or shut the mic; the conversation remembers which (voice barge-in
+        keeps it open across states, and an open mic opened again would send its
+        pre-roll twice). Muted, it is never opened."""
+        if a.on and self.muted:
+            log.debug("the mic stays shut: muted")
+            return
+        if self.conv:
+            self.conv.mic = a.on
+        self._emit(a)
+
     # --- starting ----------------------------------------------------------------
 
     def _start(self, inp: WakeWordDetected | ButtonPressed) -> None:
@@ -325,7 +350,7 @@ class Session:
             self._emit(PlayCue("wake"))
         self._emit(Connect())
         after = inp.frame if isinstance(inp, WakeWordDetected) else -1
-        self._emit(StreamMic(True, after))
+        self._stream(StreamMic(True, after))
         self._timer("connect", self.settings.connect_timeout)
         self._timer("session", self.settings.max_session_seconds)
         self._enter(State.CONNECTING, _what(inp))
@@ -343,7 +368,7 @@ class Session:
             if self.settings.follow_up_guard_ms:
                 self._timer("mic_guard", self.settings.follow_up_guard_ms / 1000)
             else:
-                self._emit(StreamMic(True))
+                self._stream(StreamMic(True))
         self._enter(State.LISTENING, cause)
 
     # --- the user's turn -----------------------------------------------------------
@@ -362,14 +387,15 @@ class Session:
     def _committed(self, inp: p.AudioCommitted) -> None:
         self._note_turn(inp)
         # The assistant's own voice must not become the next turn: the mic stays
-        # closed until its answer has played out.
+        # closed until its answer has played out (with voice barge-in, until it
+        # starts: from then on the echo-cancelled mic listens for the user).
         self._cancel("follow_up", "mic_guard")
-        self._emit(StreamMic(False))
+        self._stream(StreamMic(False))
         self._timer("response", self.settings.response_timeout)
         self._enter(State.THINKING, "speech committed")
 
     def _mic_guard(self, inp: TimerFired) -> None:
-        self._emit(StreamMic(True))
+        self._stream(StreamMic(True))
 
     def _follow_up_over(self, inp: TimerFired) -> None:
         self._end_now("no follow-up")
@@ -383,8 +409,13 @@ class Session:
         conv.responses.setdefault(inp.response_id, _Response(inp.response_id))
         conv.turn_of_response.setdefault(inp.response_id, conv.user_turns)
         self._cancel("response", "follow_up", "mic_guard")
-        if self.state is State.LISTENING:
-            self._emit(StreamMic(False))
+        if self.settings.voice_barge_in:
+            # The mic is open while the answer plays (LISTENING and the two playing
+            # states have it already, unless a guard or a mute held it shut).
+            if not conv.mic:
+                self._stream(StreamMic(True))
+        elif self.state is State.LISTENING:
+            self._stream(StreamMic(False))
         self._timer("response", self.settings.response_timeout)
         self._enter(State.RESPONDING, f"response {inp.response_id} started")
 
@@ -497,10 +528,14 @@ class Session:
         elif conv.end or conv.error:
             self._end_now(conv.end or "error")
         elif self._tools_pending():
+            if conv.mic:
+                self._stream(StreamMic(False))  # shut while the model thinks
             self._timer("response", self.settings.response_timeout)
             self._enter(State.THINKING, cause + ", waiting for tool results")
         else:
-            self._listen(cause, reopen_mic=True)
+            # With voice barge-in the mic stayed open through the answer (its echo
+            # cancelled): no guard, nothing to reopen. Coming from THINKING it is shut.
+            self._listen(cause, reopen_mic=not (self.settings.voice_barge_in and conv.mic))
 
     def _deadline(self) -> None:
         """Drain deadline: all audio still owed, in full, plus a margin. Never a constant."""
@@ -580,7 +615,7 @@ class Session:
 
     # --- interruptions and endings ---------------------------------------------------
 
-    def _barge_in(self, inp: WakeWordDetected | ButtonPressed) -> None:
+    def _barge_in(self, inp: WakeWordDetected | ButtonPressed | VoiceHeard) -> None:
         conv = self.conv
         assert conv
         if conv.active and conv.connected:
@@ -591,7 +626,10 @@ class Session:
         self._emit(FlushPlayback())  # PlaybackFlushed brings the ms heard, for truncate
         self._cancel("drain", "response")
         conv.playing.clear()
-        self._emit(StreamMic(True, inp.frame if isinstance(inp, WakeWordDetected) else -1))
+        if not conv.mic:
+            self._stream(StreamMic(True, inp.frame if isinstance(inp, WakeWordDetected)
+                                 else -1))
+        # else the mic is open already: what the user said is with the server.
         conv.end = None  # they want to talk: an earlier "end" no longer stands
         self._timer("follow_up", self.settings.follow_up_seconds)
         self._enter(State.LISTENING, f"barge-in by {_what(inp)}")
@@ -626,7 +664,7 @@ class Session:
         conv = self.conv
         error = conv.error if conv else None
         self._cancel(*[n for n in list(self._tokens)])
-        self._emit(StreamMic(False))
+        self._stream(StreamMic(False))
         self._emit(CloseConnection())
         self._emit(ResetWakeWord())
         self.conv = None
@@ -728,7 +766,7 @@ class Session:
         log.info("microphone %s", "muted" if self.muted else "unmuted",
                  extra={"SPEAKERD_EVENT": "mute" if self.muted else "unmute"})
         if self.muted and self.conv:
-            self._emit(StreamMic(False))
+            self._stream(StreamMic(False))
             self._request_end("muted")
         elif self.state is State.IDLE:
             self._emit(SetLeds("muted" if self.muted else "idle"))
@@ -769,6 +807,8 @@ def _what(inp: object) -> str:
         return f"wake word {inp.model}"
     if isinstance(inp, ButtonPressed):
         return f"{inp.button} button"
+    if isinstance(inp, VoiceHeard):
+        return "voice"
     return type(inp).__name__
 
 
@@ -796,6 +836,9 @@ TABLE: dict[tuple[State, type], Handler] = {
     (S.AUDIO_PLAYING, p.ResponseDone): Session._response_done,
     (S.RESPONDING, WakeWordDetected): Session._barge_in,
     (S.AUDIO_PLAYING, WakeWordDetected): Session._barge_in,
+    # Only reported with barge_in = "voice" (the daemon runs no detector otherwise).
+    (S.RESPONDING, VoiceHeard): Session._barge_in,
+    (S.AUDIO_PLAYING, VoiceHeard): Session._barge_in,
     (S.RESPONDING, PlaybackDrained): Session._drained,
     (S.AUDIO_PLAYING, PlaybackDrained): Session._drained,
 }
@@ -850,19 +893,22 @@ _LATE = (p.SessionCreated, p.SessionUpdated, p.ServerError, p.SpeechStarted, p.S
          p.TranscriptDone, p.InputTranscript, p.ResponseDone, SessionReady, Disconnected,
          PlaybackDrained, PlaybackFlushed, ToolDone, EndRequested)
 IGNORED: dict[State, tuple[type, ...]] = {
-    S.IDLE: _LATE,
-    S.ERROR: (*_LATE, WakeWordDetected),
+    # The voice detector runs while a conversation is open; speech matters only
+    # over an answer. Outside one it is a late report from the capture thread.
+    S.IDLE: (*_LATE, VoiceHeard),
+    S.ERROR: (*_LATE, WakeWordDetected, VoiceHeard),
     # Before session.updated nothing of a response can be ours: a stray of a socket
     # that is gone.
-    S.CONNECTING: (WakeWordDetected, PlaybackDrained, PlaybackFlushed, p.SpeechStarted,
+    S.CONNECTING: (WakeWordDetected, VoiceHeard, PlaybackDrained, PlaybackFlushed, p.SpeechStarted,
                    p.SpeechStopped, p.SessionCreated, p.SessionUpdated, p.AudioCommitted,
                    p.ResponseCreated, p.OutputItemAdded, p.AudioDelta, p.AudioDone,
                    p.TranscriptDone, p.InputTranscript, p.ResponseDone),
-    S.LISTENING: (WakeWordDetected, p.SpeechStopped, PlaybackDrained, SessionReady,
-                  p.OutputItemAdded, p.AudioDelta, p.AudioDone, p.SessionUpdated),
-    S.THINKING: (WakeWordDetected, p.SpeechStarted, p.SpeechStopped, PlaybackDrained,
-                 SessionReady, p.OutputItemAdded, p.AudioDelta, p.AudioDone,
-                 p.SessionUpdated),
+    S.LISTENING: (WakeWordDetected, VoiceHeard, p.SpeechStopped, PlaybackDrained,
+                  SessionReady, p.OutputItemAdded, p.AudioDelta, p.AudioDone,
+                  p.SessionUpdated),
+    S.THINKING: (WakeWordDetected, VoiceHeard, p.SpeechStarted, p.SpeechStopped,
+                 PlaybackDrained, SessionReady, p.OutputItemAdded, p.AudioDelta,
+                 p.AudioDone, p.SessionUpdated),
     S.RESPONDING: (p.SpeechStarted, p.SpeechStopped, SessionReady, p.ResponseCreated,
                    p.SessionUpdated),
     S.AUDIO_PLAYING: (p.SpeechStarted, p.SpeechStopped, SessionReady, p.OutputItemAdded,

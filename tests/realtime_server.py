@@ -110,6 +110,8 @@ class Reply:
     close_reason: str = ""
     status: str = "completed"
     error: tuple[str, str] | None = None  # (type, code) for a failed response.done
+    stall_at_ms: int | None = None  # stop sending for stall_seconds after this much audio
+    stall_seconds: float = 0.0
 
 
 def tone(ms: int, freq: float = 440.0, amplitude: int = 8000) -> bytes:
@@ -445,6 +447,11 @@ class RealtimeServer:
             if reply.close_after_ms is not None and sent_ms >= reply.close_after_ms:
                 await self.close(reply.close_code, reply.close_reason)
                 return
+            stall = reply.stall_at_ms
+            if stall is not None and sent_ms - len(chunk) // 48 < stall <= sent_ms:
+                # The model goes quiet mid-answer: the speaker runs dry (an underrun).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._cancel.wait(), reply.stall_seconds)
             # Paced, but ahead of real time; the cancel event cuts the wait short.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.Event().wait() if oob else self._cancel.wait(),

@@ -24,13 +24,14 @@ class TestDefaults:
         c = config.load(write_config(""))
         assert c.audio == config.AudioConfig(
             capture_device="default", playback_device="default", mixer_control="PCM",
-            mixer_device="", playback_volume=0.8, follow_up_guard_ms=150)
+            mixer_device="", playback_volume=0.8, follow_up_guard_ms=150,
+            echo_cancellation="off")
         assert c.wake_word == config.WakeWordConfig(("hey_jarvis",), 0.5, 2.0, 1, {})
         assert c.realtime.url == "wss://api.openai.com/v1/realtime"
         assert c.realtime.model == "gpt-realtime"
         assert c.realtime.voice == "marin"
         assert c.realtime.turn_detection == "semantic_vad"
-        assert c.conversation == config.ConversationConfig(8.0, 600.0)
+        assert c.conversation == config.ConversationConfig(8.0, 600.0, "wake_word")
         assert c.cues == config.CuesConfig(True, True)
         assert c.leds == config.LedsConfig({}, True, {}, kind="gpio", count=3, spi_port=0,
                                            spi_device=0, brightness=0.5, power_pin=0)
@@ -93,6 +94,14 @@ BAD = [
      "'verbose' is not allowed (one of: debug, info, warning, error)"),
     ("[realtime]\nturn_detection = 'vad'\n", "realtime.turn_detection",
      "'vad' is not allowed (one of: semantic_vad, server_vad)"),
+    ("[audio]\necho_cancellation = 'on'\n", "audio.echo_cancellation",
+     "'on' is not allowed (one of: software, device, off)"),
+    ("[conversation]\nbarge_in = 'talk'\n", "conversation.barge_in",
+     "'talk' is not allowed (one of: wake_word, voice)"),
+    ("[audio]\necho_cancellation = 'off'\n[conversation]\nbarge_in = 'voice'\n",
+     "conversation.barge_in", '"voice" needs the speaker\'s own sound removed from the '
+     'microphone, or it interrupts itself: set audio.echo_cancellation = "software" (or '
+     '"device" if the mic hardware cancels echo)'),
     ("[realtime]\nurl = 'https://api.openai.com/v1/realtime'\n", "realtime.url",
      "'https://api.openai.com/v1/realtime' must be a ws:// or wss:// URL with a host"),
     ("[realtime]\nurl = 'ws://example.com/v1/realtime'\n", "realtime.url",
@@ -401,3 +410,15 @@ class TestApiKey:
         shown = write_config(r.stdout, "shown.toml")
         again = config.load(shown)
         assert dataclasses.replace(again, path=str(path)) == config.load(path)
+
+
+class TestBargeIn:
+    @pytest.mark.parametrize("echo", ["software", "device"])
+    def test_voice_barge_in_with_echo_cancellation_loads(self, write_config, echo):
+        c = config.load(write_config(f"[audio]\necho_cancellation = '{echo}'\n"
+                                     "[conversation]\nbarge_in = 'voice'\n"))
+        assert (c.audio.echo_cancellation, c.conversation.barge_in) == (echo, "voice")
+
+    def test_wake_word_barge_in_needs_no_echo_cancellation(self, write_config):
+        c = config.load(write_config("[audio]\necho_cancellation = 'off'\n"))
+        assert c.conversation.barge_in == "wake_word"

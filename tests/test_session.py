@@ -398,6 +398,88 @@ class TestBargeIn:
         assert c.s.conv.end is None
 
 
+class TestVoiceBargeIn:
+    """barge_in = "voice": the echo-cancelled mic stays open while the answer plays."""
+
+    def test_the_mic_opens_when_the_answer_starts_and_closes_only_while_thinking(self):
+        c = Conv(barge_in="voice")
+        c.listening()
+        assert ("StreamMic", False, -1) in c.feed(p.AudioCommitted("u1"))
+        assert c.feed(p.ResponseCreated("r1")) == [
+            ("cancel", "response"), ("StreamMic", True, -1), ("timer", "response", 20.0),
+            ("SetLeds", "responding")]
+
+    def test_speech_over_the_answer_barges_in_like_the_wake_word(self):
+        c = Conv(barge_in="voice")
+        c.responding("r1", 3000)
+        assert c.feed(s.VoiceHeard()) == [
+            ("send", "response.cancel"), ("FlushPlayback",), ("cancel", "response"),
+            ("timer", "follow_up", 8.0), ("SetLeds", "listening")]
+        assert c.feed(s.PlaybackFlushed({"r1": 1234})) == [
+            ("send", "conversation.item.truncate", ("audio_end_ms", 1234),
+             ("content_index", 0), ("item_id", "item_r1"))]
+        assert c.feed(p.ResponseDone("r1", "cancelled", ())) == []
+        # The server heard the same speech: its turn goes on as any other.
+        c.feed(p.SpeechStarted("u2"))
+        c.feed(p.AudioCommitted("u2"))
+        assert c.s.state is State.THINKING
+
+    def test_speech_while_playing_out_flushes_without_cancel(self):
+        c = Conv(barge_in="voice")
+        c.playing("r1", 3000)
+        out = c.feed(s.VoiceHeard())
+        assert ("send", "response.cancel") not in out
+        assert out[:2] == [("FlushPlayback",), ("cancel", "drain")]
+        assert not any(a[0] == "StreamMic" for a in out)  # it never closed
+        assert c.s.state is State.LISTENING
+
+    def test_the_servers_own_vad_events_over_the_answer_change_nothing(self):
+        # interrupt_response is off: the server does not cancel; its speech events
+        # over the answer are the same speech the local detector judges.
+        c = Conv(barge_in="voice")
+        c.responding("r1", 3000)
+        for inp in (p.SpeechStarted("u2"), p.SpeechStopped("u2"), p.AudioCommitted("u2")):
+            assert c.feed(inp) == []
+        assert c.s.state is State.RESPONDING
+
+    def test_after_the_drain_the_mic_is_not_reopened_nor_guarded(self):
+        c = Conv(barge_in="voice")
+        c.playing("r1", 3000)
+        assert c.feed(s.PlaybackDrained("r1")) == [
+            ("cancel", "drain"), ("timer", "follow_up", 8.0), ("SetLeds", "listening")]
+
+    def test_a_tool_round_closes_the_mic_while_thinking(self):
+        c = Conv(barge_in="voice")
+        c.responding("r1")
+        out = c.feed(p.ResponseDone("r1", "completed", (p.FunctionCall("c1", "get_time",
+                                                                        "{}"),)))
+        assert ("StreamMic", False, -1) in out
+        assert c.s.state is State.THINKING
+
+    @pytest.mark.parametrize("state", ["listening", "thinking"])
+    def test_speech_when_nothing_plays_is_not_a_barge_in(self, state):
+        c = Conv(barge_in="voice")
+        c.listening()
+        if state == "thinking":
+            c.feed(p.AudioCommitted("u1"))
+        assert c.feed(s.VoiceHeard()) == []
+
+    def test_a_barge_in_after_mute_and_unmute_opens_the_mic_again(self):
+        c = Conv(barge_in="voice")
+        c.responding("r1", 3000)
+        assert ("StreamMic", False, -1) in c.feed(s.ButtonPressed("mute"))
+        c.feed(s.ButtonPressed("mute"))  # unmuted; the conversation still ends after it
+        out = c.feed(s.ButtonPressed("talk"))
+        assert ("StreamMic", True, -1) in out
+        assert c.s.conv.end is None
+
+    def test_in_wake_word_mode_the_mic_stays_closed_over_the_answer(self):
+        c = Conv()
+        c.listening()
+        c.feed(p.AudioCommitted("u1"))
+        assert not any(a[0] == "StreamMic" for a in c.feed(p.ResponseCreated("r1")))
+
+
 def output(call_id: str, text: str) -> tuple:
     return ("send", "conversation.item.create", ("call_id", call_id), ("output", text))
 

@@ -5,6 +5,10 @@ only what a real peer could (responses get ids, drains come only for audio hande
 to playback, timers fire only while set) but in any order, early, late, twice or
 never. After every step it checks DESIGN.md's six invariants and that no action is
 out of place; at the end it lets time run out and checks the session comes to rest.
+It runs twice: with barge_in = "wake_word", where the mic is closed from the end of
+the user's turn until the answer has played out, and with "voice", where the
+echo-cancelled mic is open while the answer plays (closed only while THINKING) and
+speech over the answer (VoiceHeard) barges in like the wake word.
 """
 
 from __future__ import annotations
@@ -51,9 +55,14 @@ class Turn:
 
 
 class SessionMachine(RuleBasedStateMachine):
+    SETTINGS = SETTINGS
+
     def __init__(self) -> None:
         super().__init__()
-        self.s = s.Session(SETTINGS, strict=True)
+        self.s = s.Session(self.SETTINGS, strict=True)
+        self.voice = self.SETTINGS.voice_barge_in
+        self.mic = False  # streaming, as the StreamMic actions left it
+        self.muted_in_conv = False  # muted during this conversation: the mic stays shut
         self.log = Count()
         logger = logging.getLogger("speakerd.session")
         self.old_level = logger.level
@@ -89,12 +98,17 @@ class SessionMachine(RuleBasedStateMachine):
         before = self.s.state
         lines_before = self.log.state_lines
         was_active = self.server_active
-        talk = isinstance(inp, s.WakeWordDetected) or inp == s.ButtonPressed("talk")
+        talk = (isinstance(inp, s.WakeWordDetected) or inp == s.ButtonPressed("talk")
+                or (self.voice and isinstance(inp, s.VoiceHeard)))
         if talk and before in (State.RESPONDING, State.AUDIO_PLAYING):
             self.user_moved_on()  # a barge-in
         owed_output = (isinstance(inp, s.ToolDone) and self.connected
                        and any(t.open and inp.call_id in t.calls - t.outputs
                                for t in self.turns))
+        if before in ENDED and isinstance(inp, (s.WakeWordDetected, s.ButtonPressed)):
+            self.muted_in_conv = False  # a new conversation, perhaps
+        if inp == s.ButtonPressed("mute") and before not in ENDED:
+            self.muted_in_conv = True
         actions = self.s.handle(inp)
         after = self.s.state
         self.n += 1
@@ -110,6 +124,16 @@ class SessionMachine(RuleBasedStateMachine):
             assert not leds or mute_toggle, (inp, leds)
         for a in actions:
             self.check_action(a, inp, was_active, after)
+        # The mic: shut while the model thinks and whenever muted; while its answer
+        # plays, shut too with wake-word barge-in, open (echo cancelled) with voice
+        # barge-in, unless a mute in this conversation shut it.
+        if after in ENDED or after is State.THINKING or self.s.muted:
+            assert not self.mic, (inp, after)
+        elif after in (State.RESPONDING, State.AUDIO_PLAYING):
+            if not self.voice:
+                assert not self.mic, (inp, after)
+            elif not self.muted_in_conv:
+                assert self.mic, (inp, after)
         # 3. a tool's result goes out on the connection its call came on, barge-in or not.
         if owed_output:
             assert any(isinstance(a, s.Send) and a.event.get("item", {}).get("call_id")
@@ -190,8 +214,11 @@ class SessionMachine(RuleBasedStateMachine):
                     turn = Turn(rid, set(), barged=rid in self.barged)
                     self.turns.append(turn)
                 turn.calls.add(call.call_id)
-            case s.StreamMic(on=True):
-                assert after not in ENDED
+            case s.StreamMic(on=on):
+                assert after not in ENDED or not on
+                # Opened twice would send the pre-roll to the server twice.
+                assert not (on and self.mic), ("mic opened while open", inp)
+                self.mic = on
 
     def user_moved_on(self) -> None:
         """The user barged in on the answer: the rounds open now, and the round of the
@@ -271,8 +298,11 @@ class SessionMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.s.state in (State.RESPONDING, State.AUDIO_PLAYING))
     @rule(button=st.booleans(), frame=st.integers(-1, 500))
     def barge_in(self, button: bool, frame: int) -> None:
-        """The user speaks over the answer: the talk button or the wake word."""
-        if button:
+        """The user speaks over the answer: the talk button or the wake word, or (with
+        voice barge-in) just speech."""
+        if self.voice and frame % 2:
+            self.feed(s.VoiceHeard())
+        elif button:
             self.button("talk")
         else:
             self.wake_word(frame)
@@ -310,7 +340,9 @@ class SessionMachine(RuleBasedStateMachine):
                         "heard", "said", "said_old"])))),
                    ("drained_twice_or_early", lambda: self.drained_twice_or_early(
                        data.draw(st.sampled_from(["r0", "r1", "cue:wake"])))),
-                   ("flushed", lambda: self.flushed(data.draw(st.integers(0, 5000))))]
+                   ("flushed", lambda: self.flushed(data.draw(st.integers(0, 5000)))),
+                   # The detector reports speech whenever it hears some, in any state.
+                   ("voice", lambda: self.feed(s.VoiceHeard()))]
         if self.connected:
             choices.append(("server_error", lambda: self.server_error(
                 data.draw(st.sampled_from(SURVIVABLE + UNRECOVERABLE)),
@@ -432,3 +464,11 @@ SessionMachine.TestCase.settings = settings(
     stateful_step_count=40, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestSessionInvariants = SessionMachine.TestCase
+
+
+class VoiceSessionMachine(SessionMachine):
+    SETTINGS = s.Settings(audio_margin_seconds=MARGIN, barge_in="voice")
+
+
+VoiceSessionMachine.TestCase.settings = SessionMachine.TestCase.settings
+TestVoiceSessionInvariants = VoiceSessionMachine.TestCase

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import alsaaudio
@@ -46,6 +47,13 @@ class Capture:
     while streaming (`stream(True)`): an idle speaker then wakes the loop only when
     something was detected. If the loop falls behind, the oldest undelivered frames
     are dropped and counted. `on_status` gets DeviceLost / DeviceBack.
+
+    While `clean` is set (a conversation is open, with echo cancellation or voice
+    barge-in), each frame also goes through `clean(frame, end_time)` in the capture
+    thread after the detector has seen it raw; what it returns, (frame, result),
+    replaces the frame for the pre-roll ring and `on_frame`, and a result other than
+    None goes to `on_result` too. `end_time` is the monotonic time by which the
+    frame's last sample had been captured.
     """
 
     def __init__(self, device: str, *, loop: asyncio.AbstractEventLoop,
@@ -66,8 +74,9 @@ class Capture:
         self._on_status = on_status
         self._in_thread = in_thread
         self._on_result = on_result
-        self._pending: collections.deque[tuple[bytes | None, object | None]] = (
+        self._pending: collections.deque[tuple[bytes | None, tuple[object, ...]]] = (
             collections.deque())
+        self.clean: Callable[[bytes, float], tuple[bytes, object | None]] | None = None
         self._max_pending = max_pending_frames
         self._ring: collections.deque[tuple[int, bytes]] = collections.deque(
             maxlen=max(1, round(preroll_seconds * 1000 / FRAME_MS)))
@@ -166,6 +175,7 @@ class Capture:
         buf = np.zeros(0, dtype=np.float32)
         while not self._stop.is_set():
             length, raw = pcm.read()
+            now = time.monotonic()
             if length < 0:  # -EPIPE: overrun; pyalsaaudio has re-prepared the stream
                 self.overruns += 1
                 log.warning("microphone %s overran (%d so far); audio was lost",
@@ -176,26 +186,34 @@ class Capture:
             if direct:
                 raw_buf += raw
                 while len(raw_buf) >= FRAME_BYTES:
-                    self._hand_frame(bytes(raw_buf[:FRAME_BYTES]))
+                    self._hand_frame(bytes(raw_buf[:FRAME_BYTES]),
+                                     now - (len(raw_buf) - FRAME_BYTES) / 2 / RATE)
                     del raw_buf[:FRAME_BYTES]
                 continue
             samples = resampler(resample.to_float(raw, fmt, self.channel))
             buf = np.concatenate((buf, samples))
             while buf.size >= FRAME_SAMPLES:
-                self._hand_frame(resample.float_to_s16(buf[:FRAME_SAMPLES]))
+                self._hand_frame(resample.float_to_s16(buf[:FRAME_SAMPLES]),
+                                 now - (buf.size - FRAME_SAMPLES) / RATE)
                 buf = buf[FRAME_SAMPLES:]
 
-    def _hand_frame(self, frame: bytes) -> None:
+    def _hand_frame(self, frame: bytes, end_time: float = 0.0) -> None:
         result = self._in_thread(frame) if self._in_thread else None
+        results: tuple[object, ...] = () if result is None else (result,)
+        clean = self.clean
+        if clean is not None:
+            frame, heard = clean(frame, end_time)
+            if heard is not None:
+                results += (heard,)
         with self._lock:
             self._ring.append((self.frames, frame))
             self.frames += 1
-            if not self._streaming and result is None:
+            if not self._streaming and not results:
                 return
             if len(self._pending) >= self._max_pending:
                 self._pending.popleft()
                 self.dropped += 1
-            self._pending.append((frame if self._streaming else None, result))
+            self._pending.append((frame if self._streaming else None, results))
             if self._scheduled:
                 return
             self._scheduled = True
@@ -211,8 +229,8 @@ class Capture:
             items = list(self._pending)
             self._pending.clear()
             self._scheduled = False
-        for frame, result in items:
+        for frame, results in items:
             if frame is not None:
                 self._on_frame(frame)
-            if result is not None:
+            for result in results:
                 self._on_result(result)

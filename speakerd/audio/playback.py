@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import alsaaudio
 import numpy as np
@@ -33,6 +34,12 @@ PREFERRED = DeviceFormat(RATE, 1, "S16_LE")
 # Six of them (120 ms) ride out a busy moment on a Pi Zero without an underrun.
 PERIOD_MS = 20
 PERIODS = 6
+
+
+class EchoSink(Protocol):
+    def played(self, samples: np.ndarray, rate: int, heard_at: float,
+               written_at: float) -> None: ...
+    def flushed(self) -> None: ...
 
 
 @dataclass
@@ -102,6 +109,9 @@ class Playback:
         self._played: dict[str, int] = {}
         self._thread: threading.Thread | None = None
         self.got: DeviceFormat | None = None
+        # Echo cancellation's reference: told exactly what goes to ALSA, and when it
+        # will be heard (audio/echo.py). Set from the loop; read once per write.
+        self.echo: EchoSink | None = None
         self.frames_written = 0  # device frames, across opens; read it for stats only
         self.underruns = 0
         self.opens = 0
@@ -274,6 +284,7 @@ class Playback:
         period = fmt.rate * self.period_ms // 1000 * fmt.frame_bytes
         piece, rest = data[:period], data[period:]
         r = s.responses.get(rid)
+        began = time.monotonic()
         try:
             n = s.pcm.write(piece)
         except alsaaudio.ALSAAudioError as e:
@@ -303,6 +314,13 @@ class Playback:
         self.frames_written += frames
         s.last_active = time.monotonic()
         written_bytes = frames * fmt.frame_bytes
+        echo = self.echo
+        if echo is not None and frames > 0:
+            # The device's frame clock: what is queued ahead of this piece plays
+            # first (avail() read after the write, so the queue includes it).
+            ahead = s.written - self._position(s) - frames
+            echo.played(resample.to_float(piece[:written_bytes], fmt), fmt.rate,
+                        s.last_active + max(0, ahead) / fmt.rate, began)
         if written_bytes >= len(piece) and not rest:
             s.pending.popleft()
             if r is not None:
@@ -378,6 +396,9 @@ class Playback:
             s.written = 0
         s.pending.clear()
         s.responses.clear()
+        echo = self.echo
+        if echo is not None:
+            echo.flushed()
         with self._lock:
             self._played.update(played)
         self._loop.call_soon_threadsafe(self._on_flushed, played)

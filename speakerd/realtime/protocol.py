@@ -42,8 +42,11 @@ def session_update(*, model: str, instructions: str, voice: str, turn_detection:
         "audio": {
             "input": {
                 "format": {"type": "audio/pcm", "rate": SAMPLE_RATE},
-                # create_response: the server answers each committed turn itself;
-                # interrupt_response off: barge-in is the wake word, decided here.
+                # create_response: the server answers each committed turn itself.
+                # interrupt_response off: barge-in is decided here (the wake word, or
+                # the voice detector on the echo-cancelled mic), which also sends the
+                # truncate; a server that cancelled by itself on the same speech
+                # would race our response.cancel and leave the item untruncated.
                 "turn_detection": {"type": turn_detection, "create_response": True,
                                    "interrupt_response": False},
                 "noise_reduction": {"type": "far_field"},

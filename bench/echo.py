@@ -1,0 +1,218 @@
+"""Echo cancellation and voice barge-in in a simulated room, through `speakerd run`.
+
+    PYTHONPATH=. .venv/bin/python bench/echo.py [ANSWERS [TRIALS [CPU_SECONDS]]]
+                                                 (default 20, 20, 30; ~15 min)
+
+The room is tests/room.py: a PulseAudio loopback from the speaker's monitor into the
+microphone sink, 60 ms late and 6 dB down (the delay moves to 120 ms and back every
+few answers); the model's answers are espeak-ng speech; the fixture server records
+every appended byte. Prints:
+
+1. echo only, ANSWERS answers of 6-10 s with barge_in = "voice" (in one in four the
+   speaker runs dry for ~0.5 s after 1 s: an underrun): false barge-ins (goal 0) and the echo
+   reduction on what reached the server per answer (goal: >= 30 dB after the first),
+   beside the daemon's own figure;
+2. the user talking over the answer, TRIALS times, 12 dB below the echo at a random
+   point: barge-ins (goal >= 19 of 20), speech onset -> playback silent at the
+   speaker's monitor (median, p95; goal 400 ms), truncate's audio_end_ms against what
+   the speaker played;
+3. CPU seconds per minute of the `speakerd run` process (from /proc) in a
+   conversation (answers playing, mic streaming) with echo_cancellation "software"
+   and "off", and idle for CPU_SECONDS with each: the ratio software/off (idle
+   should be 1.0: the canceller does not run while idle).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests import audio_devices  # noqa: I001  (sets ALSA_CONFIG_PATH before alsa-lib loads)
+
+import numpy as np
+
+from bench.soak import Daemon, cpu_seconds
+from tests.realtime_server import RealtimeServer, Reply
+from tests.room import Loopback, Monitor, answer_pcm, user_wav
+from tests.speech import silence, speak, write_wav
+from tests.test_e2e import request
+from tests.test_echo_room import reductions
+
+VOICE = ("[conversation]\nbarge_in = 'voice'\nfollow_up_seconds = 20\n"
+         "max_session_seconds = 3600\n")
+
+
+def voice_daemon(tmp: Path, pulse: audio_devices.Pulse, server: RealtimeServer) -> Daemon:
+    d = Daemon(tmp, pulse, server, VOICE)
+    d.config.write_text(d.config.read_text().replace(
+        "[audio]\n", "[audio]\necho_cancellation = 'software'\n", 1))
+    return d
+FOLLOW_UP = "tell me more about that"
+
+
+def pct(xs: list[float], q: float) -> float:
+    return sorted(xs)[int(q * (len(xs) - 1))]
+
+
+async def follow_up(d: Daemon, tmp: Path, name: str, text: str = FOLLOW_UP) -> None:
+    d.play(write_wav(tmp / f"{name}.wav", np.concatenate([speak(text), silence(1.5)])))
+
+
+async def echo_only(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path,
+                    answers: int) -> None:
+    pcms = [answer_pcm(i)[0] for i in range(answers)]
+    # One in four: the model goes quiet for 1.5 s after 1 s of audio, so the speaker
+    # runs dry for about half a second (an underrun) in the middle of the answer.
+    replies = [Reply(pcm=p, speed=20, stall_at_ms=1000 if i % 4 == 3 else None,
+                     stall_seconds=1.5) for i, p in enumerate(pcms)]
+    server = RealtimeServer(vad=True, replies=replies)
+    monitor = Monitor(pulse)
+    async with server:
+        (tmp / "echo").mkdir()
+        d = voice_daemon(tmp / "echo", pulse, server)
+        await d.start()
+        d.play(write_wav(tmp / "turn0.wav", request("what is the weather tomorrow")))
+        for n in range(answers):
+            await d.expect("-> listening: response", timeout=120)
+            if n + 1 < answers:
+                if n % 5 == 4:  # the room changes between answers
+                    loop.change(latency_ms=120 if loop.latency_ms == 60 else 60)
+                await follow_up(d, tmp, f"f{n}")
+        d.stop()
+    monitor.stop()
+    figures = reductions(server, monitor, pcms, loop.gain_db)
+    own = [line.split(": ", 2)[2].split(" removed")[0]
+           for line in d.text.splitlines() if "echo cancellation over answer" in line]
+    false = d.text.count("barge-in by voice")
+    print(f"1. echo only: {answers} answers, {false} false barge-ins (goal 0); "
+          f"{d.text.count('underran in the middle')} underruns")
+    print("   reduction on what reached the server, per answer (dB):",
+          " ".join(f"{f:.0f}" for f in figures))
+    print("   the daemon's own figure per answer:", " ".join(own))
+    later = figures[1:] or [0.0]
+    print(f"   after the first: min {min(later):.1f} dB, median "
+          f"{statistics.median(later):.1f} dB (goal >= 30)")
+
+
+async def barge_ins(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path,
+                    trials: int) -> None:
+    rng = random.Random(11)
+    pcms = [answer_pcm(i) for i in range(trials + 1)]
+    server = RealtimeServer(vad=True, replies=[Reply(pcm=p, speed=20) for p, _ in pcms])
+    monitor = Monitor(pulse)
+    delays, errors, hits = [], [], 0
+    async with server:
+        (tmp / "barge").mkdir()
+        d = voice_daemon(tmp / "barge", pulse, server)
+        await d.start()
+        d.play(write_wav(tmp / "b0.wav", request("what is the weather tomorrow")))
+        await d.expect("-> listening: response", timeout=120)  # adapted on answer 0
+        for n in range(1, trials + 1):
+            await follow_up(d, tmp, f"b{n}")
+            await d.expect("thinking -> responding", timeout=60)
+            answering = time.monotonic()
+            await d.expect("responding -> audio_playing", timeout=60)
+            level = pcms[n][1] + loop.gain_db - 12
+            wav, onset = user_wav(tmp / f"u{n}.wav", "no, I meant the weather on Saturday",
+                                  level, lead_s=rng.uniform(0.5, 4.0))
+            before = len(server.of_type("conversation.item.truncate"))
+            started = time.monotonic()
+            player = pulse.play_into_mic(wav)
+            try:
+                await d.expect("barge-in by voice", timeout=12)
+            except AssertionError:
+                player.wait(10)
+                await d.expect("-> listening: response", timeout=60)
+                continue
+            hits += 1
+            player.wait(10)
+            spoke = started + onset
+            await asyncio.sleep(0.6)
+            truncates = server.of_type("conversation.item.truncate")[before:]
+            silent = monitor.silent_by(truncates[0].at) if truncates else None
+            if silent is not None:
+                delays.append(silent - spoke)
+            began = next((at for at, rms in monitor.blocks
+                          if at > answering - 0.3 and rms >= 300), None)
+            if truncates and began and silent:
+                errors.append(truncates[0].event["audio_end_ms"] - (silent - began) * 1000)
+            # The server may have committed the user's words as a turn: let it answer.
+            await asyncio.sleep(2.0)
+            if d.text.count("thinking -> responding", d._cursor) or \
+                    d.text.count("-> thinking", d._cursor):
+                await d.expect("-> listening: response", timeout=60)
+        d.stop()
+    monitor.stop()
+    print(f"2. talking over the answer at 12 dB below the echo: {hits} of {trials} "
+          "barged in (goal >= 19 of 20)")
+    if delays:
+        print(f"   speech onset -> playback silent: median {statistics.median(delays) * 1000:.0f}"
+              f" ms, p95 {pct(delays, 0.95) * 1000:.0f} ms (goal 400 ms; n={len(delays)})")
+    if errors:
+        print(f"   truncate audio_end_ms - played at the monitor: median "
+              f"{statistics.median(errors):.0f} ms, worst {max(errors, key=abs):.0f} ms")
+
+
+async def cpu(pulse: audio_devices.Pulse, tmp: Path, mode: str, seconds: float
+              ) -> tuple[float, float]:
+    """(CPU s per minute idle, per minute of a conversation) with echo_cancellation=mode."""
+    pcms = [answer_pcm(i)[0] for i in range(4)]
+    server = RealtimeServer(vad=True, replies=[Reply(pcm=p, speed=20) for p in pcms])
+    extra = ("[conversation]\nfollow_up_seconds = 20\n"
+             + ("barge_in = 'voice'\n" if mode == "software" else ""))
+    async with server:
+        (tmp / f"cpu-{mode}").mkdir()
+        d = Daemon(tmp / f"cpu-{mode}", pulse, server, extra)
+        d.config.write_text(d.config.read_text().replace(
+            "[audio]\n", f"[audio]\necho_cancellation = '{mode}'\n", 1))
+        await d.start()
+        await asyncio.sleep(3)
+        c0, t0 = cpu_seconds(d.pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        idle = (cpu_seconds(d.pid) - c0) / (time.monotonic() - t0) * 60
+        d.play(write_wav(tmp / f"c-{mode}.wav", request("what is the weather tomorrow")))
+        await d.expect("thinking -> responding", timeout=60)
+        c0, t0 = cpu_seconds(d.pid), time.monotonic()
+        for n in range(len(pcms)):
+            await d.expect("-> listening: response", timeout=120)
+            if n + 1 < len(pcms):
+                await follow_up(d, tmp, f"c-{mode}-{n}")
+        talk = (cpu_seconds(d.pid) - c0) / (time.monotonic() - t0) * 60
+        d.stop()
+    return idle, talk
+
+
+async def main(answers: int, trials: int, cpu_s: float) -> None:
+    pulse = audio_devices.Pulse()
+    pulse.start()
+    try:
+        with tempfile.TemporaryDirectory(prefix="speakerd-echo-") as t:
+            tmp = Path(t)
+            with Loopback(pulse, latency_ms=60, gain_db=-6.0) as loop:
+                print("room: loopback 60 ms (120 ms every fifth answer), -6 dB; espeak-ng "
+                      "answers at -6 dBFS peak\n")
+                await echo_only(pulse, loop, tmp, answers)
+                loop.change(latency_ms=60)
+                await barge_ins(pulse, loop, tmp, trials)
+                off_idle, off_talk = await cpu(pulse, tmp, "off", cpu_s)
+                sw_idle, sw_talk = await cpu(pulse, tmp, "software", cpu_s)
+            print("3. CPU s per minute of the speakerd run process   off   software  ratio")
+            print(f"   idle (wake-word listening)                   {off_idle:5.2f}  {sw_idle:5.2f}"
+                  f"     {sw_idle / off_idle:4.2f} (goal 1.0)")
+            print(f"   conversation (answers playing, mic open)     {off_talk:5.2f}  {sw_talk:5.2f}"
+                  f"     {sw_talk / off_talk:4.2f}")
+    finally:
+        pulse.stop()
+
+
+if __name__ == "__main__":
+    args = [float(a) for a in sys.argv[1:]]
+    asyncio.run(main(int(args[0]) if args else 20, int(args[1]) if len(args) > 1 else 20,
+                     args[2] if len(args) > 2 else 30.0))
