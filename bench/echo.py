@@ -43,7 +43,7 @@ from tests.realtime_server import RealtimeServer, Reply
 from tests.room import Loopback, Monitor, answer_pcm, user_wav
 from tests.speech import silence, speak, write_wav
 from tests.test_e2e import request
-from tests.test_echo_room import reductions
+from bench.echo_room import reductions
 
 VOICE = ("[conversation]\nbarge_in = 'voice'\nfollow_up_seconds = 20\n"
          "max_session_seconds = 3600\n")
