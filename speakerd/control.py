@@ -224,6 +224,7 @@ class ControlServer:
         self._inode = 0
         self._gid = os.getegid()
         self._clients = 0
+        self._refused = 0  # busy refusals since the last client was served
         self._lock = asyncio.Lock()  # one request at a time changes the session
 
     async def start(self) -> None:
@@ -266,11 +267,19 @@ class ControlServer:
                       writer: asyncio.StreamWriter) -> None:
         """One connection, from accept to close; every way out closes it."""
         if self._clients >= self.max_clients:
-            log.warning("refused a control client: %d are connected already", self._clients)
+            # One line per burst, not per connection: a script hammering the socket
+            # must not flood the journal.
+            if not self._refused:
+                log.warning("refusing control clients: %d are connected already (at most "
+                            "%d)", self._clients, self.max_clients)
+            self._refused += 1
             await self._send_and_close(writer, error(
                 "busy", f"too many control clients (at most {self.max_clients}); try again"))
             return
         self._clients += 1
+        if self._refused:
+            log.warning("refused %d control client(s) while busy", self._refused)
+            self._refused = 0
         try:
             refusal = self._check_peer(writer)
             if refusal:

@@ -417,6 +417,10 @@ class TestAbuse:
         busy = next(r for r in replies if r["code"] == "busy")
         assert busy["error"] == "too many control clients (at most 4); try again"
         assert (await speaker.status())["state"] == "idle"
+        # One line for the burst, and its count once a client is served again.
+        assert speaker.log.count("refusing control clients: 4 are connected already") == 1
+        assert speaker.log.count(f"refused {20 - control.MAX_CLIENTS} control client(s) "
+                                 "while busy") == 1
 
 
 def test_no_socket_by_hand_without_a_path(tmp_path, pulse):
