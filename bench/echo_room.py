@@ -15,7 +15,6 @@ an answer). Run them with
 from __future__ import annotations
 
 import base64
-import math
 import random
 import subprocess
 import time
@@ -23,6 +22,7 @@ import time
 import numpy as np
 import pytest
 
+from speakerd.audio.echo import dbfs
 from tests.conftest import need
 from tests.realtime_server import RealtimeServer, Reply
 from tests.room import Loopback, Monitor, answer_pcm, user_wav
@@ -56,11 +56,6 @@ def appended(server: RealtimeServer, start: float, end: float) -> np.ndarray:
              and start <= r.at <= end]
     return (np.concatenate(parts).astype(np.float64) / 32768 if parts
             else np.zeros(0))
-
-
-def dbfs(x: np.ndarray) -> float:
-    p = float(np.mean(x ** 2)) if x.size else 0.0
-    return 10 * math.log10(p) if p > 1e-20 else -200.0
 
 
 def pcm_dbfs(pcm: bytes) -> float:

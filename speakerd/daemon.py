@@ -208,8 +208,7 @@ class Daemon:
         self._log_startup()
         # In the background, after the start line: a few espeak-ng runs, ~0.1 s here.
         self._spawn(self.phrases.render(), "phrases")
-        self.notifier.ready(self._status_text(
-            s.STATUS[s.State.IDLE] + (" (muted)" if self.session.muted else "")))
+        self.notifier.ready(self._status_text(s.status_text(s.State.IDLE, self.session.muted)))
         try:
             await self._stop.wait()
             await self._wind_down()
@@ -583,27 +582,27 @@ class Daemon:
         self.playback.flush()
 
     def _cue(self, a: s.PlayCue) -> None:
+        self._play_aside(self._cues[a.name], a.name)
+
+    def _play_aside(self, pcm: bytes, name: str) -> None:
+        """Sound that is not an answer: its "cue:" id keeps it from the session."""
         assert self.playback
-        rid = f"cue:{a.name}:{next(self._cue_ids)}"
-        self.playback.enqueue(self._cues[a.name], rid)
+        rid = f"cue:{name}:{next(self._cue_ids)}"
+        self.playback.enqueue(pcm, rid)
         self.playback.finish(rid)
 
     def _say(self, a: s.SayPhrase) -> None:
+        self._retry_in_background(a.situation)
         got = self.phrases.pcm(a.situation)
         if got is None:
-            self._retry_in_background(a.situation)
             if a.fallback_cue:
                 self._cue(s.PlayCue(a.fallback_cue))
             return
         pcm, voice = got
-        assert self.playback
-        self._retry_in_background(a.situation)
         log.info("saying the %s phrase (%s, %.1f s)", a.situation, voice,
                  len(pcm) / protocol.BYTES_PER_MS / 1000,
                  extra=logmod.fields(event="phrase"))
-        rid = f"cue:phrase:{a.situation}:{next(self._cue_ids)}"
-        self.playback.enqueue(pcm, rid)
-        self.playback.finish(rid)
+        self._play_aside(pcm, f"phrase:{a.situation}")
 
     def _retry_in_background(self, situation: str) -> None:
         """The person was told the service cannot be reached: keep trying it quietly, so
@@ -709,8 +708,7 @@ class Daemon:
         """An announcement started or stopped making sound: the LEDs and status say so."""
         self._show_leds()
         self.notifier.status(self._status_text(
-            "announcing" if on else s.STATUS[self.session.state]
-            + (" (muted)" if self.session.muted else "")))
+            "announcing" if on else s.status_text(self.session.state, self.session.muted)))
 
     def press(self, button: str) -> None:
         """A button pressed from elsewhere (the control socket), as if on the GPIO."""
@@ -762,8 +760,8 @@ class Daemon:
         c = self.config
         return {
             "version": __version__, "pid": os.getpid(), "state": self.session.state.value,
-            "status": self._status_text(s.STATUS[self.session.state]
-                                        + (" (muted)" if self.session.muted else "")),
+            "status": self._status_text(s.status_text(self.session.state,
+                                                      self.session.muted)),
             "muted": self.session.muted, **self.stats.as_dict(),
             "wake_word": {"models": [{"name": m.name, "threshold": m.threshold}
                                      for m in (self.detector.classifiers if self.detector

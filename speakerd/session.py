@@ -307,7 +307,7 @@ class Session:
         log.info("%s -> %s: %s", old.value, state.value, cause,
                  extra={"SPEAKERD_STATE": state.value, "SPEAKERD_SESSION": str(number)})
         self._emit(SetLeds("muted" if state is State.IDLE and self.muted else state.value))
-        self._emit(SetStatus(STATUS[state] + (" (muted)" if self.muted else "")))
+        self._emit(SetStatus(status_text(state, self.muted)))
 
     def _emit(self, action: Action) -> None:
         self._out.append(action)
@@ -770,7 +770,7 @@ class Session:
             self._request_end("muted")
         elif self.state is State.IDLE:
             self._emit(SetLeds("muted" if self.muted else "idle"))
-            self._emit(SetStatus(STATUS[State.IDLE] + (" (muted)" if self.muted else "")))
+            self._emit(SetStatus(status_text(State.IDLE, self.muted)))
 
     def _button(self, inp: ButtonPressed) -> None:
         """Buttons mean different things by state; this routes them."""
@@ -800,6 +800,11 @@ STATUS = {
     State.AUDIO_PLAYING: "answering (playing out)",
     State.ERROR: "error",
 }
+
+
+def status_text(state: State, muted: bool) -> str:
+    """The unit's STATUS= line for a state."""
+    return STATUS[state] + (" (muted)" if muted else "")
 
 
 def _what(inp: object) -> str:

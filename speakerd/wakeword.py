@@ -34,6 +34,11 @@ EMB_STEP = 8
 EMB_FEATURES = 96
 
 
+def _samples(frame: bytes) -> np.ndarray:
+    """16 kHz s16le bytes -> the int16-valued floats the models take."""
+    return np.frombuffer(frame, "<i2").astype(np.float32)
+
+
 def model_path(name: str) -> Path:
     """A built-in model name or a .tflite path -> the file."""
     return MODELS_DIR / f"{name}.tflite" if name in BUILTIN_WAKE_WORDS else Path(name)
@@ -209,17 +214,17 @@ class Detector:
                 c.reset()
             self._above = dict.fromkeys(self._above, 0)
         meter = self.meter
+        samples = _samples(frame)
         scores: dict[str, list[float]] = {}
         best: Detection | None = None
-        for c, p in self._scores(frame):
+        for c, p in self._scores(samples):
             if meter is not None:
                 scores.setdefault(c.name, []).append(p)
             hit = self._judge(c, p)
             if hit and (best is None or hit.score > best.score):
                 best = hit
         if meter is not None:
-            # A meter that is done ignores it.
-            meter.add(np.frombuffer(frame, "<i2").astype(np.float32), scores)
+            meter.add(samples, scores)  # a meter that is done ignores it
         if best is None or not self.enabled:
             return None
         self._last_detection = self.frame
@@ -229,8 +234,7 @@ class Detector:
                  best.seconds, extra=logmod.fields(event="wake"))
         return best
 
-    def _scores(self, frame: bytes) -> list[tuple[Classifier, float]]:
-        samples = np.frombuffer(frame, "<i2").astype(np.float32)
+    def _scores(self, samples: np.ndarray) -> list[tuple[Classifier, float]]:
         out = [(c, p) for emb in self.features.process(samples)
                for c in self.classifiers for p in c.process(emb)]
         for c, p in out:
@@ -251,7 +255,7 @@ class Detector:
         log.debug("wake word resumed after %.1f s; refilling from the last %.1f s",
                   self._gap * CHUNK / RATE, len(self._skipped) * CHUNK / RATE)
         for f in self._skipped:
-            self._scores(f)  # what was said while not listening is not judged
+            self._scores(_samples(f))  # what was said while not listening is not judged
         self._skipped.clear()
         self._gap = 0
 
