@@ -84,6 +84,8 @@ install_packages() {
         libasound2-dev libsystemd-dev alsa-utils
     # The voice of the spoken status phrases ("Sorry, I can't reach the internet").
     apt_install espeak-ng
+    # The linear echo filter behind voice barge-in (speakerd/audio/speex_echo.py).
+    apt_install libspeexdsp1
     # gpiozero drives pins through lgpio. PyPI has lgpio wheels only for some
     # Pythons (none for 3.13, trixie's), so use the distro's package through
     # the venv's --system-site-packages on every release.

@@ -2,18 +2,26 @@
 
 PulseAudio's module-loopback copies the `spk` sink's monitor into the `mic` sink with
 a latency and a gain, so the daemon's microphone hears its own answer the way a room
-returns it, on top of whatever a test plays into `mic` as the user's voice.
+returns it, on top of whatever a test plays into `mic` as the user's voice. Its
+adaptive resampling is off (adjust_time=0): a room's delay stays put, while the
+loopback would otherwise wander by milliseconds to hold its latency, which no
+microphone and speaker on one Pi do. The delay changes when the room does
+(Loopback.change).
 """
 
 from __future__ import annotations
 
+import base64
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import soxr
 
+from speakerd.audio.echo import dbfs
+
 from .audio_devices import Pulse
+from .realtime_server import RealtimeServer
 from .speech import speak
 
 ANSWER_TEXTS = [
@@ -64,7 +72,7 @@ class Loopback:
     def load(self) -> None:
         self.module = self._pactl(
             "load-module", "module-loopback", "source=spk.monitor", "sink=mic",
-            f"latency_msec={self.latency_ms}", "source_dont_move=true",
+            f"latency_msec={self.latency_ms}", "adjust_time=0", "source_dont_move=true",
             "sink_dont_move=true").strip()
         for line in self._pactl("list", "short", "sink-inputs").splitlines():
             fields = line.split("\t")
@@ -149,3 +157,29 @@ class Monitor:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(5)
+
+
+def appended(server: RealtimeServer, start: float, end: float) -> np.ndarray:
+    """What the daemon appended that reached the server between two times (24 kHz)."""
+    parts = [np.frombuffer(base64.b64decode(r.event["audio"]), "<i2")
+             for r in server.received if r.type == "input_audio_buffer.append"
+             and start <= r.at <= end]
+    return (np.concatenate(parts).astype(np.float64) / 32768 if parts
+            else np.zeros(0))
+
+
+def pcm_dbfs(pcm: bytes) -> float:
+    return dbfs(np.frombuffer(pcm, "<i2").astype(np.float64) / 32768)
+
+
+def reductions(server: RealtimeServer, monitor: Monitor, answers: list[bytes],
+               gain_db: float) -> list[float]:
+    """Per answer heard: the echo a mic without cancellation would have sent (the
+    answer's power through the loopback's gain) over what reached the server."""
+    spans = [s for s in monitor.loud_spans() if s[1] - s[0] > 3.0]
+    out = []
+    for (a, b), pcm in zip(spans, answers, strict=False):
+        # Appends arrive a frame or two after capture: skip the edges.
+        got = appended(server, a + 0.4, b - 0.2)
+        out.append(pcm_dbfs(pcm) + gain_db - dbfs(got))
+    return out

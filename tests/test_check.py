@@ -23,12 +23,14 @@ import pytest
 from gpiozero.pins.mock import MockFactory, MockPin
 
 from speakerd import config as configmod
+from speakerd.audio import speex_echo
 from speakerd.audio.levels import Meter
-from speakerd.checks import gpio, settings
+from speakerd.checks import echo, gpio, settings
 from speakerd.checks.report import Report
 
 from .conftest import ROOT, SPEAKERD, clean_env, need
 from .realtime_server import RealtimeServer
+from .room import Loopback
 from .speech import have_espeak, silence, speak, write_wav
 from .test_control import controlled
 from .test_e2e import KEY
@@ -196,6 +198,39 @@ async def test_a_clipped_mic_is_too_loud(tmp_path, pulse, feed):
     clipped = int(re.search(r"(\d+) clipped", lines[i])[1])
     assert clipped > 1000  # a +6 dB sine sits on the rails for a third of its samples
     assert code == 0
+
+
+ECHO_DEVICES = PULSE_DEVICES + 'echo_cancellation = "software"\n'
+
+
+async def test_the_echo_is_measured_in_a_room(tmp_path, pulse, feed):
+    need(speex_echo.available(), "libspeexdsp1")
+    feed(silence(60))
+    with Loopback(pulse, latency_ms=60, gain_db=-6.0):
+        code, lines, _ = await check(tmp_path, ECHO_DEVICES, "--offline", "--listen", "1")
+    i = has(lines, r"^ok    echo: heard \d+ ms after it played; \d+ dB removed from what the "
+            r"server gets, \d+ dB by the barge-in detector's filter")
+    lag, removed, linear = map(int, re.findall(r"(\d+) (?:ms|dB)", lines[i]))
+    # The loopback's 60 ms, plus how late PulseAudio's sinks are (20-60 ms here).
+    assert 60 <= lag <= 200, lag
+    assert removed >= 20 and linear >= 6
+    assert code == 0
+
+
+async def test_a_mic_that_does_not_hear_the_speaker_cannot_barge_in(tmp_path, pulse, feed):
+    feed(silence(60))
+    code, lines, _ = await check(tmp_path, ECHO_DEVICES, "--offline", "--listen", "1")
+    has(lines, "warn  echo: the microphone did not hear the speaker (digital silence while it "
+        "played)", echo.BARGE_IN_FIX)
+    assert code == 0
+
+
+async def test_without_software_cancellation_there_is_nothing_to_measure(tmp_path, pulse,
+                                                                         feed):
+    feed(silence(60))
+    _, lines, _ = await check(tmp_path, PULSE_DEVICES, "--offline", "--listen", "1")
+    has(lines, 'skip  echo: [audio] echo_cancellation = "off": speakerd does not cancel the '
+        "echo itself")
 
 
 async def test_the_wake_word_said_would_trigger(tmp_path, pulse, feed):

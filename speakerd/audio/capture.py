@@ -50,9 +50,10 @@ class Capture:
 
     While `clean` is set (a conversation is open, with echo cancellation or voice
     barge-in), each frame also goes through `clean(frame, end_time)` in the capture
-    thread after the detector has seen it raw; what it returns, (frame, result),
-    replaces the frame for the pre-roll ring and `on_frame`, and a result other than
-    None goes to `on_result` too. `end_time` is the monotonic time by which the
+    thread after the detector has seen it raw; what it returns, (audio, result),
+    replaces the frame for `on_frame` (audio may hold several frames held back, or
+    silence) and, its last 80 ms, for the pre-roll ring; a result other than None
+    goes to `on_result` too. `end_time` is the monotonic time by which the
     frame's last sample had been captured.
     """
 
@@ -201,8 +202,12 @@ class Capture:
         result = self._in_thread(frame) if self._in_thread else None
         results: tuple[object, ...] = () if result is None else (result,)
         clean = self.clean
+        sent = frame
         if clean is not None:
-            frame, heard = clean(frame, end_time)
+            # What to stream for this frame: cleaned, silence, or (when a voice begins
+            # over an answer) several frames held back until then.
+            sent, heard = clean(frame, end_time)
+            frame = sent[-FRAME_BYTES:] if len(sent) >= FRAME_BYTES else sent
             if heard is not None:
                 results += (heard,)
         with self._lock:
@@ -213,7 +218,7 @@ class Capture:
             if len(self._pending) >= self._max_pending:
                 self._pending.popleft()
                 self.dropped += 1
-            self._pending.append((frame if self._streaming else None, results))
+            self._pending.append((sent if self._streaming else None, results))
             if self._scheduled:
                 return
             self._scheduled = True

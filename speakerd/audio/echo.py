@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from speakerd.audio import resample
+from speakerd.audio import resample, speex_echo
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,10 @@ LEAD_MS = 10
 # this, AEC3 re-finds the delay itself within a few frames.
 PLAYBACK_SLACK_MS = 30
 CAPTURE_SLACK_MS = 30
+# The microphone's clock going earlier means the reference handed with each frame
+# leads the echo by more than it must: harmless to AEC3 up to a few hundred ms, and
+# every realignment costs it a moment of echo. So only past this much.
+CAPTURE_LEAD_SLACK_MS = 150
 # A read returns its samples late by however long the thread, the driver or a sound
 # server kept them (PulseAudio here: bursts up to 100 ms late, more under load). The
 # microphone's frame clock is the lower envelope of the readings: it follows an
@@ -59,11 +63,36 @@ ADAPTED_DB = 20.0
 # a flush), AEC3 takes a moment to find the echo again: frames while it does are not
 # evidence of a voice. In the simulated room the start of an answer needed ~0.6 s.
 SETTLE_FRAMES = 13  # 1 s
+# The echo's delay behind the reference, measured (GCC-PHAT) over the last half second
+# of microphone against the reference up to half a second earlier, every other frame.
+DELAY_WINDOW = 8000
+DELAY_MAX = 8000
+DELAY_EVERY = 2
+DELAY_CONFIDENCE = 8.0  # the peak, in standard deviations of the rest: echo gives 15-30
+DELAY_TOLERANCE = 48  # 3 ms: less moves nothing
+# The speex filter is handed the reference shifted so the echo always sits this far
+# into it, whatever the room's or the clocks' delay: a changed delay does not undo
+# what the filter learned. Its tail covers that plus the room's reverberation.
+SPEEX_LEAD = 160  # 10 ms
+SPEEX_TAIL = 3200  # 200 ms
+# After the speex filter resumes it holds stale history for a tail's length; after a
+# shift it re-learns the little that moved: no barge-in meanwhile.
+RESUME_FRAMES = 4
+SHIFT_FRAMES = 20
 
 
 def dbfs(x: np.ndarray) -> float:
     """Power of float samples in [-1, 1) in dB relative to full scale."""
     p = float(np.mean(np.square(x, dtype=np.float64))) if x.size else 0.0
+    return 10 * math.log10(p) if p > 1e-20 else -200.0
+
+
+def loudest_dbfs(x: np.ndarray, piece: int = 160) -> float:
+    """The power of the loudest 10 ms in `x`."""
+    n = x.size - x.size % piece
+    if not n:
+        return -200.0
+    p = float(np.max(np.mean(np.square(x[:n].reshape(-1, piece), dtype=np.float64), axis=1)))
     return 10 * math.log10(p) if p > 1e-20 else -200.0
 
 
@@ -75,6 +104,8 @@ class EchoStats:
     mic_dbfs: float  # its power before cancellation
     out_dbfs: float  # and after
     realigned: int  # times either stream was moved back onto its clock
+    listening: float = 0.0  # fraction of the frames with echo where a voice could be heard
+    linear_db: float = 0.0  # the echo speex's filter removes (what the detector hears)
 
     @property
     def reduction_db(self) -> float:
@@ -216,6 +247,26 @@ class EchoCanceller:
         self.frames = 0
         self._seen_realigns = 0
         self._settling = 0  # frames left before the output is trusted again
+        # Voice over the echo: speex's linear filter on the reference shifted by the
+        # measured delay, and a detector on what it leaves.
+        self.delay = EchoDelay()
+        self.talk = TalkOver()
+        self.onset = False  # set by process(): a voice began over the echo in this frame
+        self.echo_now = False  # and whether the speaker played within the last half second
+        # The frame as best kept for a voice over the echo: speex's output (the voice
+        # whole, a little echo left) when it ran, else AEC3's.
+        self.voice = np.zeros(FRAME_SAMPLES, np.float32)
+        self._speex: speex_echo.LinearEcho | None = None
+        try:
+            self._speex = speex_echo.LinearEcho(rate=RATE, tail=SPEEX_TAIL)
+        except speex_echo.SpeexUnavailable as e:
+            log.warning("voice barge-in falls back to the echo canceller's output, which "
+                        "hears a voice over the answer only in its pauses: %s", e)
+        self._hold = 0  # frames before the detector may fire again
+        self._moved = 0  # samples the microphone's clock moved the reference since
+        self._echo_frames = 0  # frames with echo, since take_stats()
+        self._armed_frames = 0  # of which the detector could hear a voice
+        self._seen_runs = 0
 
     def played(self, samples: np.ndarray, rate: int, heard_at: float,
                written_at: float | None = None) -> None:
@@ -249,9 +300,11 @@ class EchoCanceller:
                 self._start, self._above = reading, 0
         start = self._start
         want = round((start + self._mic_samples / RATE + self._lead) * RATE) - n
-        if self._cursor is None or abs(self._cursor - want) > CAPTURE_SLACK_MS * RATE / 1000:
+        if self._cursor is None or want - self._cursor > CAPTURE_SLACK_MS * RATE / 1000 \
+                or self._cursor - want > CAPTURE_LEAD_SLACK_MS * RATE / 1000:
             if self._cursor is not None:
                 self.realigned += 1
+                self._moved += want - self._cursor
                 log.debug("microphone clock realigned by %+.0f ms",
                           (want - self._cursor) * 1000 / RATE)
             self._cursor = want
@@ -265,6 +318,8 @@ class EchoCanceller:
             self._settling -= 1
         out = self._aec.process(mic, ref)
         self.frames += 1
+        self.voice = out  # replaced by speex's output when it ran
+        self.onset = self._talk_over(mic, out, self._cursor)
         if dbfs(ref) > ACTIVE_DBFS:
             mic_e = float(np.sum(np.square(mic, dtype=np.float64)))
             out_e = float(np.sum(np.square(out, dtype=np.float64)))
@@ -275,6 +330,62 @@ class EchoCanceller:
             if not self.adapted:
                 self._check_adapted(mic_e, out_e, n)
         return resample.float_to_s16(out), out
+
+    def _talk_over(self, mic: np.ndarray, out: np.ndarray, cursor: int) -> bool:
+        """Does a voice begin over the echo in this frame? `cursor`: the reference
+        index just after the frame (before any measured shift)."""
+        n = mic.size
+        if self._speex is None:
+            # AEC3's output: a voice over the answer comes through in its pauses.
+            return self.trusted and self.talk.update(out, out, echo=False)
+        if self.reference.runs != self._seen_runs:
+            # The speaker started, ran dry or was flushed: the delay is unconfirmed
+            # until measured again.
+            self._seen_runs = self.reference.runs
+            self.delay.unconfirm()
+        if self._moved:
+            # The microphone's clock was corrected: the same echo now pairs with a
+            # reference that much later, exactly. Follow it at once, before speex
+            # learns the wrong path; the next measures confirm.
+            self.delay.moved(self._moved)
+            self._moved = 0
+            self._hold = max(self._hold, RESUME_FRAMES)
+        if self.delay.feed(mic, self.reference, cursor):
+            self._hold = max(self._hold, SHIFT_FRAMES)
+        start = cursor - n - self.delay.offset
+        # Anything played from half a second before this frame's echo (the room's
+        # reverberation) up to now, wherever the echo turns out to be.
+        recent = self.reference.take(start - RATE // 2, cursor - start + RATE // 2)
+        echo_now = self.echo_now = loudest_dbfs(recent) > ACTIVE_DBFS
+        self._echo_frames += echo_now
+        if not self.delay.confirmed:
+            # Speex would learn the wrong echo path: it stays as it was, and only a
+            # microphone with no echo in it can be listened to.
+            self._hold = max(self._hold, RESUME_FRAMES)
+            if echo_now:
+                self.talk.reset()
+                return False
+            return self.talk.update(mic, mic, echo=False)
+        if not echo_now:
+            # Nothing to cancel; and speex, fed silence as the reference and a voice
+            # as the microphone, would drift from the room it learned.
+            self._hold = max(self._hold, RESUME_FRAMES)
+            return self.talk.update(mic, mic, echo=False)
+        linear = self.voice = self._speex.process(mic, self.reference.take(start, n))
+        if self._hold:
+            self._hold -= 1
+            if echo_now:
+                self.talk.reset()
+                return False
+        self._armed_frames += echo_now and self.talk.ratio < self.talk.adapted
+        onset = self.talk.update(mic, linear, echo=echo_now)
+        if onset and echo_now:
+            t = self.talk
+            log.debug("a voice over the echo: the filter leaves %.0f dB of the microphone "
+                      "(%.0f dB on echo alone), correlation with its prediction %.2f, echo "
+                      "%.0f ms behind", t.onset_db, t.ratio, t.correlation,
+                      self.delay.lag_ms or 0.0)
+        return onset
 
     @property
     def trusted(self) -> bool:
@@ -303,52 +414,196 @@ class EchoCanceller:
             self._mic_energy = self._out_energy = 0.0
         if not n:
             return None
+        echo_frames, armed = self._echo_frames, self._armed_frames
+        self._echo_frames = self._armed_frames = 0
         return EchoStats(n / RATE, 10 * math.log10(max(mic / n, 1e-20)),
                          10 * math.log10(max(out / n, 1e-20)),
-                         self.realigned + self.reference.realigned)
+                         self.realigned + self.reference.realigned,
+                         armed / echo_frames if echo_frames else 0.0, -self.talk.ratio)
 
 
-class VoiceActivity:
-    """Is someone talking in the cleaned microphone signal? An energy detector on 10 ms
-    pieces with a tracked noise floor, not AEC3's own speech probability: that is
-    computed before the echo is removed and says "speech" on the speaker's own voice.
+class EchoDelay:
+    """How far the echo lags the reference handed out with each microphone frame,
+    measured by GCC-PHAT (a cross-correlation that whitens both signals, so speech's
+    own periodicity does not blur the peak). A voice over the echo does not move it:
+    the voice is not in the reference. A new measure is believed when two in a row
+    agree; the shift to apply is `offset` samples."""
 
-    While the speaker plays, AEC3 lets the user through in bursts (its suppressor
-    holds back whatever it cannot tell from echo), so speech is `min_voiced_ms` of
-    voiced pieces within `window_ms`, spread over at least `min_span_ms`: a cough or
-    a knock is one short burst and is not a barge-in. `update(frame)` -> True on the
-    frame where speech is first recognised; the next onset needs `hangover_ms` of
-    quiet first.
-    """
+    def __init__(self) -> None:
+        self._mic = np.zeros(DELAY_WINDOW, np.float32)
+        self._frames = 0
+        self.offset = 0  # samples the reference is moved later for the speex filter
+        self.confirmed = False
+        self._fresh = True
+        self._pending: int | None = None
+        self.lag_ms: float | None = None  # the last measure, for the journal
 
-    SUB = 160  # 10 ms decisions
+    def unconfirm(self) -> None:
+        """A new run of playback: its reference is placed by a fresh reading of the
+        device's delay, a few ms off the last one's, and the filter needs it to the
+        sample. The next measure sets the offset exactly."""
+        self.confirmed = False
+        self._pending = None
+        self._fresh = True
 
-    def __init__(self, *, min_voiced_ms: int = 100, min_span_ms: int = 200,
-                 window_ms: int = 500, hangover_ms: int = 500, floor_dbfs: float = -55.0,
-                 above_noise_db: float = 15.0) -> None:
+    def moved(self, by: int) -> None:
+        """The reference handed with each frame moved `by` samples later."""
+        self.offset = max(0, self.offset + by)
+        self._pending = None
+        self._mic[:] = 0.0  # its frames were measured against the old pairing
+
+    def feed(self, mic: np.ndarray, reference: Reference, cursor: int) -> bool:
+        """Keep the frame; measure every DELAY_EVERY frames. -> True if the offset
+        moved."""
+        self._mic = np.concatenate([self._mic[mic.size:], mic])
+        self._frames += 1
+        if self._frames % DELAY_EVERY:
+            return False
+        ref = reference.take(cursor - DELAY_WINDOW - DELAY_MAX, DELAY_WINDOW + DELAY_MAX)
+        if dbfs(ref[DELAY_MAX:]) < ACTIVE_DBFS + 5 or dbfs(self._mic) < ACTIVE_DBFS:
+            return False  # too little played, or heard, to measure
+        lag, confidence = gcc_phat(self._mic, ref, DELAY_MAX)
+        if confidence < DELAY_CONFIDENCE:
+            return False
+        self.lag_ms = lag * 1000 / RATE
+        want = max(0, lag - SPEEX_LEAD)
+        if self._fresh and abs(want - self.offset) <= DELAY_TOLERANCE:
+            # The same echo path, placed a little differently: to the sample, at once.
+            self.offset, self.confirmed, self._fresh, self._pending = want, True, False, None
+            return False
+        if abs(want - self.offset) <= DELAY_TOLERANCE:
+            self.confirmed, self._pending = True, None
+            return False
+        if self._pending is None or abs(self._pending - want) > DELAY_TOLERANCE:
+            # The echo moved (the room, or a clock), or a voice over it blurred this
+            # measure: believe it when the next one agrees. Meanwhile the filter and
+            # the detector go on as they were: their own changes are announced
+            # (moved(), unconfirm()), and a lone stray measure must not deafen the
+            # detector just when someone talks over the answer.
+            self._pending = want
+            return False
+        log.debug("echo delay now %.0f ms behind the reference (was %.0f ms)",
+                  self.lag_ms, (self.offset + SPEEX_LEAD) * 1000 / RATE)
+        self.offset, self._pending, self.confirmed, self._fresh = want, None, True, False
+        return True
+
+
+def gcc_phat(mic: np.ndarray, ref: np.ndarray, max_lag: int) -> tuple[int, float]:
+    """The lag (samples) by which `mic` follows `ref`, both ending at the same moment
+    (`ref` is `max_lag` longer), and its confidence: the peak in standard deviations
+    of the correlation elsewhere."""
+    size = 1 << int(np.ceil(np.log2(ref.size + mic.size)))
+    cross = np.fft.rfft(mic, size) * np.conj(np.fft.rfft(ref, size))
+    cross /= np.maximum(np.abs(cross), 1e-12)
+    corr = np.fft.irfft(cross, size)
+    lags = np.arange(-max_lag, 1)
+    values = corr[lags % size]
+    best = int(np.argmax(values))
+    rest = np.concatenate([values[:max(0, best - 16)], values[best + 17:]])
+    return int(lags[best] + max_lag), float(values[best] / (np.std(rest) + 1e-12))
+
+
+class TalkOver:
+    """A voice over the echo, in what a linear echo filter leaves of the microphone.
+
+    Where the speaker played, the filter leaves a residual some way below the
+    microphone (`ratio`, learned on echo alone: -20 to -40 dB once adapted); a piece
+    of 10 ms is voiced when it stands `margin_db` above that, and above the noise.
+    Where nothing played, any sound is voiced. Speech is `min_voiced_ms` of voiced
+    pieces within `window_ms`, spread over `min_span_ms` (a cough or a knock is one
+    short burst). While the filter has not yet learned the room (`ratio` above
+    `adapted_db`) nothing over the echo counts.
+
+    A filter that has the room slightly wrong (the volume or the speaker moved) leaves
+    more than `ratio` too, but what it leaves is its own prediction of the echo,
+    scaled: a voice is not. So speech over the echo must also be uncorrelated with
+    the echo the filter predicted (`max_correlation`). A filter that has the room
+    wrong in its reverberation leaves a residual that is not its prediction, but where
+    the echo falls quiet it leaves more than there was at the microphone, which a
+    voice never does: such pieces are not voiced. And after every pause (a new
+    answer, a moved echo) the filter needs `warm_up_ms` of echo beyond the detector's
+    window before anything over the echo counts."""
+
+    SUB = 160
+
+    def __init__(self, *, margin_db: float = 13.0, adapted_db: float = -15.0,
+                 min_voiced_ms: int = 100, min_span_ms: int = 150, window_ms: int = 300,
+                 hangover_ms: int = 500, floor_dbfs: float = -55.0,
+                 max_correlation: float = 0.2, warm_up_ms: int = 200) -> None:
+        self.margin = margin_db
+        self.warm_up = warm_up_ms // 10
+        # (piece, what the filter left in dB of the microphone) over echo, recently
+        self._ratios: collections.deque[tuple[int, float]] = collections.deque()
+        self.onset_db = 0.0  # the median residual over the voiced pieces of the last one
+        self.max_correlation = max_correlation
+        # (piece, what the filter left, what it predicted) over the window
+        self._recent: collections.deque[tuple[int, np.ndarray, np.ndarray]] = \
+            collections.deque()
+        self.correlation = 0.0  # of the last candidate, for tests and the journal
+        self.adapted = adapted_db
         self.min_voiced = min_voiced_ms // 10
         self.min_span = min_span_ms // 10
         self.window = max(window_ms // 10, self.min_span)
         self.hangover = hangover_ms // 10
-        self.floor_dbfs = floor_dbfs
-        self.above_noise = above_noise_db
-        self._noise = floor_dbfs - above_noise_db  # the room's noise, as cleaned
-        self._voiced: collections.deque[int] = collections.deque()  # piece numbers
+        self.floor = floor_dbfs
+        self.ratio = 0.0  # dB of residual over microphone, on echo alone
+        self._noise = floor_dbfs - 15
+        self._voiced: collections.deque[int] = collections.deque()
         self._piece = 0
         self._quiet = self.hangover
         self.speaking = False
 
-    def update(self, samples: np.ndarray) -> bool:
+    def reset(self) -> None:
+        self._voiced.clear()
+        self._recent.clear()
+        self._ratios.clear()
+
+    def _explained(self) -> bool:
+        """Is what the filter left its own echo estimate, scaled?"""
+        voiced = set(self._voiced)
+        self.onset_db = float(np.median([r for piece, r in self._ratios if piece in voiced]
+                                        or [0.0]))
+        self.correlation = 0.0
+        pairs = [(x, y) for piece, x, y in self._recent if piece in voiced]
+        if not pairs:
+            return False  # voiced where nothing played: nothing to explain it by
+        left = np.concatenate([x for x, _ in pairs]).astype(np.float64)
+        predicted = np.concatenate([y for _, y in pairs]).astype(np.float64)
+        power = float(np.dot(left, left) * np.dot(predicted, predicted))
+        self.correlation = abs(float(np.dot(left, predicted))) / math.sqrt(power) \
+            if power > 0 else 0.0
+        return self.correlation > self.max_correlation
+
+    def update(self, mic: np.ndarray, left: np.ndarray, *, echo: bool) -> bool:
+        """`mic` and what the filter `left` of it; `echo`: the speaker played within
+        the last half second. -> True on the frame where a voice is first heard."""
         onset = False
-        for i in range(0, samples.size - self.SUB + 1, self.SUB):
+        for i in range(0, mic.size - self.SUB + 1, self.SUB):
             self._piece += 1
-            level = dbfs(samples[i:i + self.SUB])
-            # The floor follows quiet at once and rises slowly (1 dB/s): speech
-            # cannot raise it much in the time it takes to be recognised.
-            self._noise = level if level < self._noise else self._noise + 0.01
-            voiced = level > max(self.floor_dbfs, self._noise + self.above_noise)
+            m = dbfs(mic[i:i + self.SUB])
+            x = dbfs(left[i:i + self.SUB])
+            self._noise = x if x < self._noise else self._noise + 0.01
+            voiced = x > max(self.floor, self._noise + 15)
+            if echo and m <= self.floor - 5:
+                voiced = False  # a voice would be at the microphone: it is near silent
+            elif echo:
+                r = x - m
+                # A voice adds to the microphone: a piece louder after the filter than
+                # before is the filter's own misfit.
+                voice = voiced and self.ratio + self.margin < r < 1.0
+                self._ratios.append((self._piece, r))
+                while self._ratios[0][0] <= self._piece - 130:
+                    self._ratios.popleft()
+                if voice and self.ratio < self.adapted:
+                    self._recent.append((self._piece, left[i:i + self.SUB],
+                                         mic[i:i + self.SUB] - left[i:i + self.SUB]))
+                else:
+                    voiced = False
+                    self.ratio += 0.02 * (max(r, -60.0) - self.ratio)  # over ~0.5 s
             while self._voiced and self._voiced[0] <= self._piece - self.window:
                 self._voiced.popleft()
+            while self._recent and self._recent[0][0] <= self._piece - self.window:
+                self._recent.popleft()
             if not voiced:
                 self._quiet += 1
                 if self.speaking and self._quiet >= self.hangover:
@@ -358,9 +613,34 @@ class VoiceActivity:
             self._voiced.append(self._piece)
             if (not self.speaking and len(self._voiced) >= self.min_voiced
                     and self._piece - self._voiced[0] + 1 >= self.min_span):
-                self.speaking = True
-                onset = True
+                if echo and len(self._ratios) < self.window + self.warm_up:
+                    continue  # the filter has not had enough echo yet: keep counting
+                if echo and self._explained():
+                    log.debug("a voice-like sound over the echo taken for echo: the filter "
+                              "leaves %.0f dB (%.0f dB on echo alone), correlation with its "
+                              "prediction %.2f", self.onset_db, self.ratio, self.correlation)
+                    self._voiced.clear()
+                    continue
+                self.speaking = onset = True
         return onset
+
+
+class VoiceActivity(TalkOver):
+    """Is someone talking into a microphone with no echo in it (the device cancels
+    it, or the canceller's output)? TalkOver's test for where nothing played: 10 ms
+    pieces above a tracked noise floor, `min_voiced_ms` of them within `window_ms`,
+    spread over `min_span_ms`."""
+
+    def __init__(self, *, min_voiced_ms: int = 100, min_span_ms: int = 200,
+                 window_ms: int = 500, hangover_ms: int = 500,
+                 floor_dbfs: float = -55.0) -> None:
+        super().__init__(min_voiced_ms=min_voiced_ms, min_span_ms=min_span_ms,
+                         window_ms=window_ms, hangover_ms=hangover_ms,
+                         floor_dbfs=floor_dbfs)
+
+    def update(self, samples: np.ndarray, left: np.ndarray | None = None, *,
+               echo: bool = False) -> bool:
+        return super().update(samples, samples, echo=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,29 +650,45 @@ class VoiceOnset:
 
 class MicPath:
     """What the capture thread does to each frame while a conversation is open:
-    cancel the echo (if a canceller is given), then listen for a voice (if a
-    detector is given). Called as Capture.clean: (frame, end_time) -> (frame, onset).
+    cancel the echo (if a canceller is given), and with voice barge-in (a detector
+    is given) listen for a voice over the answer. Called as Capture.clean:
+    (frame, end_time) -> (what to stream, onset).
+
+    While the answer plays the server gets silence: its own turn detection would take
+    any echo left for the user's next turn and answer it (create_response is on). Only
+    when the detector hears a voice does the stream open, with the last HELD_FRAMES
+    frames first (kept as `voice`, the voice whole), so the words that barged in reach
+    the server too.
     """
+
+    HELD_FRAMES = 5  # 400 ms: the detector is sure of a voice 150-300 ms into it
 
     def __init__(self, canceller: EchoCanceller | None, vad: VoiceActivity | None) -> None:
         self.canceller = canceller
         self.vad = vad
         # Set from the loop while an answer plays with the mic open (voice barge-in).
         self.over_answer = False
+        self._held: collections.deque[bytes] = collections.deque(maxlen=self.HELD_FRAMES)
+        self._open = False  # a voice was heard over this answer: stream it
 
     def __call__(self, frame: bytes, end_time: float) -> tuple[bytes, VoiceOnset | None]:
-        if self.canceller is None:
-            if self.vad is None:
-                return frame, None
-            samples = resample.s16_to_float(frame)
+        if self.canceller is not None:
+            frame, _ = self.canceller.process(frame, end_time)
+            voice = resample.float_to_s16(self.canceller.voice)
+            onset = self.canceller.onset
+        elif self.vad is not None:
+            voice = frame
+            onset = self.vad.update(resample.s16_to_float(frame))
         else:
-            frame, samples = self.canceller.process(frame, end_time)
-            if self.over_answer and not self.canceller.trusted:
-                # A fresh canceller lets the answer through for its first second or
-                # so, a realigned one for a moment: the server's own VAD would take
-                # that for the user's next turn, and the detector for a barge-in.
-                frame = bytes(len(frame))
-                samples = np.zeros_like(samples)
-        if self.vad is None or not self.vad.update(samples):
             return frame, None
-        return frame, VoiceOnset()
+        if self.vad is None or not self.over_answer:
+            self._held.clear()
+            self._open = False
+            return frame, None
+        self._held.append(voice)
+        if not (onset or self._open):
+            return bytes(len(frame)), None
+        self._open = True
+        held = b"".join(self._held)
+        self._held.clear()
+        return held, VoiceOnset() if onset else None

@@ -7,7 +7,7 @@ import asyncio
 from typing import Any, TextIO
 
 from speakerd import control
-from speakerd.checks import audio, gpio, realtime, service, settings
+from speakerd.checks import audio, echo, gpio, realtime, service, settings
 from speakerd.checks.report import Report, ok, skip, warn
 from speakerd.errors import EX_OK, EX_SOFTWARE
 
@@ -30,8 +30,13 @@ def run(config_path: str, *, listen: float = DEFAULT_LISTEN, offline: bool = Fal
     status = _running(report, path)
     if status is not None:
         audio.from_daemon(report, config, status, listen, path)
-    else:
-        audio.check(report, config, listen)
+        if config.audio.echo_cancellation == "software":
+            report.add(skip("echo", "the running speakerd holds the speaker; to measure the "
+                            "echo: sudo systemctl stop speakerd, check, then start it"))
+    elif audio.check(report, config, listen):
+        echo.check(report, config)
+    elif config.audio.echo_cancellation == "software":
+        report.add(skip("echo", "needs both the microphone and the speaker"))
     if offline:
         report.add(skip("realtime", "--offline"))
     else:

@@ -218,8 +218,8 @@ async def tone(report: Report, config: configmod.Config) -> None:
 
 # --- the whole of it ---------------------------------------------------------------------
 
-def check(report: Report, config: configmod.Config, seconds: float) -> None:
-    """The devices are free: open them here."""
+def check(report: Report, config: configmod.Config, seconds: float) -> bool:
+    """The devices are free: open them here. -> both opened."""
     a = config.audio
     mic = check_device(report, CAPTURE, a.capture_device)
     speaker = check_device(report, PLAYBACK, a.playback_device)
@@ -234,6 +234,7 @@ def check(report: Report, config: configmod.Config, seconds: float) -> None:
         asyncio.run(tone(report, config))
     else:
         report.add(skip("speaker tone", "no speaker"))
+    return mic and speaker
 
 
 def from_daemon(report: Report, config: configmod.Config, status: dict[str, Any],
