@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import subprocess
+import sys
 import time
 
 import alsaaudio
@@ -424,6 +427,60 @@ class TestDeviceLoss:
         await sink.until(lambda: len(sink.drained) == 2, timeout=30)
         p.stop()
         assert p.errors >= 1 and p.opens >= 2
+
+
+# Opening this PCM fails inside alsa-lib's configuration evaluation (no such card), where
+# alsa-lib calls its error handler with its own config lock held: as for 'default' on a
+# machine whose sound card has not appeared yet.
+BROKEN_PCM = """
+pcm.broken {
+    @func refer
+    name {
+        @func concat
+        strings [ "cards." { @func card_driver card "nosuchcard" } ".pcm.default" ]
+    }
+}
+"""
+
+TWO_OPENERS = """
+import sys, threading, alsaaudio
+from speakerd.audio import device
+from speakerd.audio.resample import DeviceFormat
+assert device.quiet_alsa_lib()
+sys.setswitchinterval(1e-6)  # hand the GIL over as often as possible
+failures = []
+def opener(kind):
+    for _ in range(200):
+        try:
+            device.negotiate(kind, "broken", DeviceFormat(16000, 1, "S16_LE"), 80)
+        except alsaaudio.ALSAAudioError as e:
+            failures.append(str(e))
+threads = [threading.Thread(target=opener, args=(k,), daemon=True)
+           for k in (alsaaudio.PCM_CAPTURE, alsaaudio.PCM_PLAYBACK)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(len(failures), failures[0])
+"""
+
+
+def test_both_audio_threads_retrying_a_missing_device_do_not_deadlock(tmp_path):
+    # The microphone and speaker threads retry their missing devices on their own
+    # timers; two opens at once used to wedge the whole process (alsa-lib's lock
+    # against the GIL), so the watchdog killed a daemon that was only waiting for a
+    # sound card. A subprocess, because a deadlocked GIL would take pytest with it.
+    conf = tmp_path / "asound.conf"
+    conf.write_text(BROKEN_PCM)
+    env = {**os.environ, "ALSA_CONFIG_PATH": str(conf)}
+    try:
+        r = subprocess.run([sys.executable, "-c", TWO_OPENERS], env=env, timeout=60,
+                           capture_output=True, text=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("two threads opening a missing ALSA device deadlocked")
+    assert r.returncode == 0, r.stderr
+    count, first = r.stdout.split(" ", 1)
+    assert int(count) == 400 and "broken" in first
 
 
 class TestStreaming:

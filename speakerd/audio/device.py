@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import threading
 from dataclasses import dataclass
 
 import alsaaudio
@@ -14,6 +15,14 @@ from speakerd.audio.resample import DeviceFormat
 from speakerd.errors import UnavailableError
 
 log = logging.getLogger(__name__)
+
+# alsa-lib opens a PCM under its own global config lock and, on an error, calls the
+# error handler (_alsa_said, Python) from inside it; pyalsaaudio keeps the GIL for the
+# whole open. Two threads opening at once could deadlock: one inside alsa-lib's lock
+# waiting for the GIL in the handler, the other holding the GIL waiting for that lock,
+# which wedged the whole daemon (seen: both threads retrying a missing 'default').
+# Every call into alsa-lib's configuration goes through this lock first.
+_OPEN = threading.RLock()
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,9 +51,10 @@ class ThreadFailed:
 def open_pcm(kind: int, device: str, fmt: DeviceFormat, period_ms: int,
              periods: int = 4) -> alsaaudio.PCM:
     """Open `device` with `fmt`; raises alsaaudio.ALSAAudioError as alsa-lib reports it."""
-    return alsaaudio.PCM(kind, alsaaudio.PCM_NORMAL, device=device, rate=fmt.rate,
-                         channels=fmt.channels, format=resample.FORMATS[fmt.format][0],
-                         periodsize=fmt.rate * period_ms // 1000, periods=periods)
+    with _OPEN:
+        return alsaaudio.PCM(kind, alsaaudio.PCM_NORMAL, device=device, rate=fmt.rate,
+                             channels=fmt.channels, format=resample.FORMATS[fmt.format][0],
+                             periodsize=fmt.rate * period_ms // 1000, periods=periods)
 
 
 def negotiate(kind: int, device: str, want: DeviceFormat, period_ms: int
@@ -53,6 +63,12 @@ def negotiate(kind: int, device: str, want: DeviceFormat, period_ms: int
 
     alsa-lib may settle on a nearby rate or channel count; info() says what it did.
     """
+    with _OPEN:
+        return _negotiate(kind, device, want, period_ms)
+
+
+def _negotiate(kind: int, device: str, want: DeviceFormat, period_ms: int
+               ) -> tuple[alsaaudio.PCM, DeviceFormat]:
     try:
         pcm = open_pcm(kind, device, want, period_ms)
     except alsaaudio.ALSAAudioError as first:
@@ -87,13 +103,19 @@ def _open_native(kind: int, device: str, want: DeviceFormat, period_ms: int,
 
 def describe_missing(device: str, error: Exception, kind: int) -> UnavailableError:
     """A one-line error for a device that cannot be opened, listing the PCMs alsa-lib knows."""
-    try:
-        known = ", ".join(alsaaudio.pcms(kind)) or "none"
-    except alsaaudio.ALSAAudioError:
-        known = "none"
+    known = ", ".join(known_pcms(kind)) or "none"
     what = "capture" if kind == alsaaudio.PCM_CAPTURE else "playback"
     return UnavailableError(f"cannot open ALSA {what} device '{device}': {error} "
                             f"(PCMs alsa-lib knows: {known})")
+
+
+def known_pcms(kind: int) -> list[str]:
+    """The PCM names alsa-lib's configuration defines for `kind` (empty if it cannot say)."""
+    try:
+        with _OPEN:
+            return list(alsaaudio.pcms(kind))
+    except alsaaudio.ALSAAudioError:
+        return []
 
 
 # snd_lib_error_handler_t is variadic; the fixed arguments are all we read, and on the

@@ -16,7 +16,7 @@ from speakerd import control
 from speakerd.audio import capture as capmod
 from speakerd.audio import playback as pbmod
 from speakerd.audio.cues import make_cues
-from speakerd.audio.device import DeviceLost, negotiate
+from speakerd.audio.device import DeviceLost, known_pcms, negotiate
 from speakerd.audio.levels import FLOOR_DBFS, Meter
 from speakerd.checks.report import Report, fail, ok, skip, warn
 from speakerd.errors import UnavailableError
@@ -40,10 +40,7 @@ def fmt(f: Any) -> str:
 
 
 def candidates(kind: int) -> str:
-    try:
-        return ", ".join(alsaaudio.pcms(kind)) or "none"
-    except alsaaudio.ALSAAudioError:
-        return "none"
+    return ", ".join(known_pcms(kind)) or "none"
 
 
 def name_fix(kind: int) -> str:
