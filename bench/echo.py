@@ -135,10 +135,13 @@ async def barge_ins(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path,
             try:
                 await d.expect("barge-in by voice", timeout=12)
             except AssertionError:
-                player.wait(10)
+                await asyncio.to_thread(player.wait, 10)
                 await d.expect("-> listening: response", timeout=60)
                 continue
-            player.wait(10)
+            # Not player.wait() on the loop: the fixture server stamps each event as its
+            # handler reads it, and a blocked loop stamped the truncate when the user's
+            # sentence ended (a constant 3.2 s "latency" in earlier runs).
+            await asyncio.to_thread(player.wait, 10)
             spoke = started + onset
             await asyncio.sleep(0.6)
             truncates = server.of_type("conversation.item.truncate")[before:]

@@ -57,12 +57,6 @@ CAPTURE_STUCK_FRAMES = 25  # 2 s
 CAPTURE_GAP_S = 0.5
 # Reference frames quieter than this played nothing worth measuring.
 ACTIVE_DBFS = -50.0
-# A second of playback with this much echo removed: the canceller has converged.
-ADAPTED_DB = 20.0
-# After either stream was realigned (an answer starting after silence, an underrun,
-# a flush), AEC3 takes a moment to find the echo again: frames while it does are not
-# evidence of a voice. In the simulated room the start of an answer needed ~0.6 s.
-SETTLE_FRAMES = 13  # 1 s
 # The echo's delay behind the reference, measured (GCC-PHAT) over the last half second
 # of microphone against the reference up to half a second earlier, every other frame.
 DELAY_WINDOW = 8000
@@ -241,12 +235,8 @@ class EchoCanceller:
         self._mic_energy = 0.0
         self._out_energy = 0.0
         self._active_samples = 0
-        self._block = [0.0, 0.0, 0]  # mic energy, out energy, samples: the adapted check
-        self.adapted = False
         self.realigned = 0
         self.frames = 0
-        self._seen_realigns = 0
-        self._settling = 0  # frames left before the output is trusted again
         # Voice over the echo: speex's linear filter on the reference shifted by the
         # measured delay, and a detector on what it leaves.
         self.delay = EchoDelay()
@@ -260,8 +250,10 @@ class EchoCanceller:
         try:
             self._speex = speex_echo.LinearEcho(rate=RATE, tail=SPEEX_TAIL)
         except speex_echo.SpeexUnavailable as e:
-            log.warning("voice barge-in falls back to the echo canceller's output, which "
-                        "hears a voice over the answer only in its pauses: %s", e)
+            # AEC3's output is no substitute: its suppressor takes a voice over the
+            # echo down with it and lets it through only in the answer's pauses.
+            log.warning("voice barge-in is off: %s; the wake word and the talk button "
+                        "still interrupt an answer (sudo apt install libspeexdsp1)", e)
         self._hold = 0  # frames before the detector may fire again
         self._moved = 0  # samples the microphone's clock moved the reference since
         self._echo_frames = 0  # frames with echo, since take_stats()
@@ -310,12 +302,6 @@ class EchoCanceller:
             self._cursor = want
         ref = self.reference.take(self._cursor, n)
         self._cursor += n
-        realigns = self.realigned + self.reference.runs
-        if realigns != self._seen_realigns:
-            self._seen_realigns = realigns
-            self._settling = SETTLE_FRAMES
-        elif self._settling:
-            self._settling -= 1
         out = self._aec.process(mic, ref)
         self.frames += 1
         self.voice = out  # replaced by speex's output when it ran
@@ -327,8 +313,6 @@ class EchoCanceller:
                 self._mic_energy += mic_e
                 self._out_energy += out_e
                 self._active_samples += n
-            if not self.adapted:
-                self._check_adapted(mic_e, out_e, n)
         return resample.float_to_s16(out), out
 
     def _talk_over(self, mic: np.ndarray, out: np.ndarray, cursor: int) -> bool:
@@ -336,8 +320,7 @@ class EchoCanceller:
         index just after the frame (before any measured shift)."""
         n = mic.size
         if self._speex is None:
-            # AEC3's output: a voice over the answer comes through in its pauses.
-            return self.trusted and self.talk.update(out, out, echo=False)
+            return False
         if self.reference.runs != self._seen_runs:
             # The speaker started, ran dry or was flushed: the delay is unconfirmed
             # until measured again.
@@ -355,7 +338,8 @@ class EchoCanceller:
             self._hold = max(self._hold, SHIFT_FRAMES)
         start = cursor - n - self.delay.offset
         # Anything played from half a second before this frame's echo (the room's
-        # reverberation) up to now, wherever the echo turns out to be.
+        # reverberation) up to now, wherever the echo turns out to be; the frame's own
+        # echo (speex's reference) is in it, at RATE // 2.
         recent = self.reference.take(start - RATE // 2, cursor - start + RATE // 2)
         echo_now = self.echo_now = loudest_dbfs(recent) > ACTIVE_DBFS
         self._echo_frames += echo_now
@@ -372,7 +356,7 @@ class EchoCanceller:
             # as the microphone, would drift from the room it learned.
             self._hold = max(self._hold, RESUME_FRAMES)
             return self.talk.update(mic, mic, echo=False)
-        linear = self.voice = self._speex.process(mic, self.reference.take(start, n))
+        linear = self.voice = self._speex.process(mic, recent[RATE // 2:RATE // 2 + n])
         if self._hold:
             self._hold -= 1
             if echo_now:
@@ -387,25 +371,6 @@ class EchoCanceller:
                       "%.0f ms behind", t.onset_db, t.ratio, t.correlation,
                       self.delay.lag_ms or 0.0)
         return onset
-
-    @property
-    def trusted(self) -> bool:
-        """Has it converged, and not been realigned within the last second?"""
-        return self.adapted and not self._settling
-
-    def _check_adapted(self, mic_e: float, out_e: float, n: int) -> None:
-        """A fresh AEC3 lets echo through for its first second or so: until it has
-        removed ADAPTED_DB over a second of playback, its output is no evidence of a
-        voice. Once adapted it stays so: the instance lives as long as the daemon."""
-        b = self._block
-        b[0] += mic_e
-        b[1] += out_e
-        b[2] += n
-        if b[2] >= RATE:
-            if 10 * math.log10(max(b[0], 1e-20) / max(b[1], 1e-20)) >= ADAPTED_DB:
-                self.adapted = True
-                log.debug("echo canceller adapted after %d frames", self.frames)
-            self._block = [0.0, 0.0, 0]
 
     def take_stats(self) -> EchoStats | None:
         """The echo reduction since the last call; None if the speaker played nothing."""
@@ -434,8 +399,8 @@ class EchoDelay:
         self._mic = np.zeros(DELAY_WINDOW, np.float32)
         self._frames = 0
         self.offset = 0  # samples the reference is moved later for the speex filter
+        # Unconfirmed: playback (re)started; the next measure near `offset` sets it.
         self.confirmed = False
-        self._fresh = True
         self._pending: int | None = None
         self.lag_ms: float | None = None  # the last measure, for the journal
 
@@ -445,7 +410,6 @@ class EchoDelay:
         sample. The next measure sets the offset exactly."""
         self.confirmed = False
         self._pending = None
-        self._fresh = True
 
     def moved(self, by: int) -> None:
         """The reference handed with each frame moved `by` samples later."""
@@ -468,11 +432,11 @@ class EchoDelay:
             return False
         self.lag_ms = lag * 1000 / RATE
         want = max(0, lag - SPEEX_LEAD)
-        if self._fresh and abs(want - self.offset) <= DELAY_TOLERANCE:
-            # The same echo path, placed a little differently: to the sample, at once.
-            self.offset, self.confirmed, self._fresh, self._pending = want, True, False, None
-            return False
         if abs(want - self.offset) <= DELAY_TOLERANCE:
+            if not self.confirmed:
+                # A new run, the same echo path placed a little differently: to the
+                # sample, at once.
+                self.offset = want
             self.confirmed, self._pending = True, None
             return False
         if self._pending is None or abs(self._pending - want) > DELAY_TOLERANCE:
@@ -485,7 +449,7 @@ class EchoDelay:
             return False
         log.debug("echo delay now %.0f ms behind the reference (was %.0f ms)",
                   self.lag_ms, (self.offset + SPEEX_LEAD) * 1000 / RATE)
-        self.offset, self._pending, self.confirmed, self._fresh = want, None, True, False
+        self.offset, self._pending, self.confirmed = want, None, True
         return True
 
 
@@ -634,22 +598,21 @@ class TalkOver:
         return onset
 
 
-class VoiceActivity(TalkOver):
+class VoiceActivity:
     """Is someone talking into a microphone with no echo in it (the device cancels
-    it, or the canceller's output)? TalkOver's test for where nothing played: 10 ms
-    pieces above a tracked noise floor, `min_voiced_ms` of them within `window_ms`,
-    spread over `min_span_ms`."""
+    it)? TalkOver's test for where nothing played: 10 ms pieces above a tracked noise
+    floor, `min_voiced_ms` of them within `window_ms`, spread over `min_span_ms`."""
 
     def __init__(self, *, min_voiced_ms: int = 100, min_span_ms: int = 200,
                  window_ms: int = 500, hangover_ms: int = 500,
                  floor_dbfs: float = -55.0) -> None:
-        super().__init__(min_voiced_ms=min_voiced_ms, min_span_ms=min_span_ms,
-                         window_ms=window_ms, hangover_ms=hangover_ms,
-                         floor_dbfs=floor_dbfs)
+        self._talk = TalkOver(min_voiced_ms=min_voiced_ms, min_span_ms=min_span_ms,
+                              window_ms=window_ms, hangover_ms=hangover_ms,
+                              floor_dbfs=floor_dbfs)
 
-    def update(self, samples: np.ndarray, left: np.ndarray | None = None, *,
-               echo: bool = False) -> bool:
-        return super().update(samples, samples, echo=False)
+    def update(self, samples: np.ndarray) -> bool:
+        """-> True on the frame where a voice is first heard."""
+        return self._talk.update(samples, samples, echo=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,6 @@ def check(report: Report, config: configmod.Config) -> None:
                         ': speakerd does not cancel the echo itself'))
         return
     if not speex_echo.available():
-        report.add(warn("echo", "libspeexdsp is not installed: voice barge-in hears a voice "
-                        "over the answer only in its pauses", "sudo apt install libspeexdsp1"))
+        report.add(warn("echo", "libspeexdsp is not installed: no voice barge-in without it "
+                        "(the wake word still interrupts)", "sudo apt install libspeexdsp1"))
     judge(report, asyncio.run(measure(config)))
