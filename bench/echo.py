@@ -1,7 +1,9 @@
 """Echo cancellation and voice barge-in in a simulated room, through `speakerd run`.
 
     PYTHONPATH=. .venv/bin/python bench/echo.py [ANSWERS [TRIALS [CPU_SECONDS]]]
-                                                 (default 20, 20, 30; ~15 min)
+                                                 (default 20, 20, 30; ~20 min)
+
+A 0 skips that part (`bench/echo.py 0 20 0`: the talk-overs alone, ~10 min).
 
 The room is tests/room.py: a PulseAudio loopback from the speaker's monitor into the
 microphone sink, 60 ms late and 6 dB down (the delay moves to 120 ms and back every
@@ -16,7 +18,7 @@ every appended byte. Prints:
 2. the user talking over the answer, TRIALS times, 12 dB below the echo at a random
    point: barge-ins (goal >= 19 of 20), speech onset -> playback silent at the
    speaker's monitor (median, p95; goal 400 ms), truncate's audio_end_ms against what
-   the speaker played;
+   the speaker played; for each talk-over not heard, the daemon's debug lines on it;
 3. CPU seconds per minute of the `speakerd run` process (from /proc) in a
    conversation (answers playing, mic streaming) with echo_cancellation "software"
    and "off", and idle for CPU_SECONDS with each: the ratio software/off (idle
@@ -130,6 +132,7 @@ async def barge_ins(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path,
             wav, onset = user_wav(tmp / f"u{n}.wav", "no, I meant the weather on Saturday",
                                   level, lead_s=rng.uniform(0.5, 4.0))
             before = len(server.of_type("conversation.item.truncate"))
+            mark = len(d.text)
             started = time.monotonic()
             player = pulse.play_into_mic(wav)
             try:
@@ -137,6 +140,11 @@ async def barge_ins(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path,
             except AssertionError:
                 await asyncio.to_thread(player.wait, 10)
                 await d.expect("-> listening: response", timeout=60)
+                # What the detector made of it: the debug lines of the voice path.
+                said = [line for line in d.text[mark:].splitlines() if any(
+                    w in line for w in ("voice", "echo delay", "realigned", "echo cancellation"))]
+                print(f"   trial {n}: no barge-in; the user spoke {onset:.1f} s into the "
+                      "file; the daemon said:\n     " + "\n     ".join(said or ["nothing"]))
                 continue
             # Not player.wait() on the loop: the fixture server stamps each event as its
             # handler reads it, and a blocked loop stamped the truncate when the user's
@@ -230,9 +238,13 @@ async def main(answers: int, trials: int, cpu_s: float) -> None:
             with Loopback(pulse, latency_ms=60, gain_db=-6.0) as loop:
                 print("room: loopback 60 ms (120 ms every fifth answer), -6 dB; espeak-ng "
                       "answers at -6 dBFS peak\n")
-                await echo_only(pulse, loop, tmp, answers)
-                loop.change(latency_ms=60)
-                await barge_ins(pulse, loop, tmp, trials)
+                if answers:
+                    await echo_only(pulse, loop, tmp, answers)
+                    loop.change(latency_ms=60)
+                if trials:
+                    await barge_ins(pulse, loop, tmp, trials)
+                if not cpu_s:
+                    return
                 off_idle, off_talk = await cpu(pulse, tmp, "off", cpu_s)
                 sw_idle, sw_talk = await cpu(pulse, tmp, "software", cpu_s)
             print("3. CPU s per minute of the speakerd run process   off   software  ratio")

@@ -65,14 +65,18 @@ class Room:
 
     def run(self, canceller: EchoCanceller, *,
             sent: np.ndarray | None = None, jump: tuple[int, float] = (0, 0.0),
-            path: echo.MicPath | None = None) -> tuple[np.ndarray, list[int]]:
+            path: echo.MicPath | None = None, dry: bool = False,
+            watch: list[float] | None = None) -> tuple[np.ndarray, list[int]]:
         """-> (the cleaned microphone, frame indexes where the detector fired).
 
         `sent`: what the playback thread hands over, if not the timeline itself;
         `jump` (16 kHz index of `sent`, seconds): from there on, each piece is heard
         that much later than its frame count says, as after an underrun. With `path`
         (a MicPath over `canceller`) each frame goes through it instead: -> (what it
-        streamed, frames where it reported an onset)."""
+        streamed, frames where it reported an onset). `dry`: between answers the
+        device runs dry (nothing is written), so each answer is a new run, placed to
+        the 16 kHz sample nearest its 24 kHz start, a different fraction each time.
+        `watch` gets the detector's learned ratio after each frame."""
         sent = self.played if sent is None else sent
         device = soxr.resample(sent, R, DEVICE_RATE).astype(np.float32)
         pieces = [(i, device[i:i + PIECE]) for i in range(0, device.size, PIECE)]
@@ -87,7 +91,8 @@ class Room:
                 if heard >= end + 0.12:
                     break
                 # avail() is read a little after the write.
-                canceller.played(piece, DEVICE_RATE, heard + self.rng.uniform(0, 0.004))
+                if not (dry and not piece.any()):
+                    canceller.played(piece, DEVICE_RATE, heard + self.rng.uniform(0, 0.004))
                 p += 1
             late = self.rng.uniform(*self.late) / 1000
             frame = self.mic[f * 1280:(f + 1) * 1280]
@@ -99,6 +104,8 @@ class Room:
                 continue
             _, clean = canceller.process(echo_pcm(frame), end + late)
             out.append(clean)
+            if watch is not None:
+                watch.append(canceller.talk.ratio)
             if canceller.onset:
                 onsets.append(f)
         return np.concatenate(out), onsets
@@ -313,6 +320,13 @@ def user_over(played: np.ndarray, at: int, below_db: float = 12.0) -> tuple[np.n
     return user, at + int(np.argmax(np.abs(voice) > 0.01))
 
 
+def delayed(x: np.ndarray, f: float) -> np.ndarray:
+    """`x` delayed by `f` samples (exact, through the FFT)."""
+    n = x.size
+    spectrum = np.fft.rfft(x, 2 * n) * np.exp(-2j * np.pi * np.fft.rfftfreq(2 * n) * f)
+    return np.fft.irfft(spectrum, 2 * n)[:n].astype(np.float32)
+
+
 def need_speex() -> None:
     need(speex_echo.available(), "libspeexdsp1")
 
@@ -359,6 +373,33 @@ class TestTalkOver:
         assert abs(canceller.delay.lag_ms - lag - 100) < 3
         assert [(f + 1) * 1280 > first for f in onsets] == [True]
 
+    def test_answers_placed_a_fraction_of_a_sample_apart_keep_the_filter_deep(self) -> None:
+        # Each answer is a new run on the device, landing a different fraction of a
+        # 16 kHz sample from where the last one did. Without the fraction measured and
+        # applied, the filter relearned from ~-18 dB at the start of every answer,
+        # just when a voice over it is most likely, and a voice 12 dB under the echo
+        # was heard only in part of it.
+        need_speex()
+        played, spans = answers()
+        played = np.concatenate([played, played])
+        spans = spans + [(a + played.size // 2, b + played.size // 2) for a, b in spans]
+        room = Room(played)
+        # The echo of each answer lands a third of a sample later than the last.
+        h = room_impulse(np.random.default_rng(5), 40)
+        room.echo = np.zeros_like(played)
+        for i, (a, b) in enumerate(spans):
+            e = np.convolve(delayed(played[a:b], i % 3 / 3), h)[:played.size - a]
+            room.echo[a:a + e.size] += e * 10 ** (-6 / 20)
+        room.mic = room.echo + room.rng.standard_normal(played.size).astype(np.float32) * 3e-4
+        canceller = EchoCanceller()
+        ratios: list[float] = []
+        room.run(canceller, dry=True, watch=ratios)
+        assert canceller.reference.runs >= len(spans)
+        early = [ratios[a // 1280 + k] for a, _ in spans[2:] for k in (12, 18, 25)]
+        print("what the filter leaves 1-2 s into answers 3-6 (dB):",
+              " ".join(f"{r:.0f}" for r in early))
+        assert float(np.median(early)) < -25
+
     def test_a_cough_is_not_a_voice(self) -> None:
         talk = echo.TalkOver()
         quiet = np.random.default_rng(1).standard_normal(R).astype(np.float32) * 1e-4
@@ -387,13 +428,39 @@ class TestTalkOver:
 
 
 class TestEchoDelay:
+    def test_gcc_phat_measures_a_fraction_of_a_sample(self) -> None:
+        played, spans = answers()
+        a = spans[0][0]
+        h = room_impulse(np.random.default_rng(5), 40)
+        at = a + 2 * R
+        found = []
+        for f in (0.0, 1 / 3, 2 / 3):
+            echo_ = np.convolve(delayed(played, f), h)[:played.size]
+            mic = echo_[at - echo.DELAY_WINDOW:at]
+            ref = played[at - echo.DELAY_WINDOW - echo.DELAY_MAX:at]
+            found.append(echo.gcc_phat(mic, ref, echo.DELAY_MAX)[0])
+        print("measured lags (samples):", [f"{x:.3f}" for x in found])
+        # What matters is that the fractions differ as the delays do: a bias common
+        # to all is learned by the filter once.
+        assert abs(found[1] - found[0] - 1 / 3) < 0.05
+        assert abs(found[2] - found[0] - 2 / 3) < 0.05
+
+    def test_the_reference_is_shifted_by_the_fraction(self) -> None:
+        x = level(speak(USER), 0.5)
+        part = x[8000:8000 + 1280 + 2 * echo.SINC_TAPS]
+        for f in (0.0, 0.25, 0.5, 0.8):
+            want = delayed(x, f)[8000 + echo.SINC_TAPS:8000 + echo.SINC_TAPS + 1280]
+            got = echo.fractional_delay(part, f)
+            assert got.size == 1280
+            assert dbfs(got - want) - dbfs(want) < -40, f
+
     def test_gcc_phat_finds_the_lag_and_is_unsure_of_noise(self) -> None:
         rng = np.random.default_rng(3)
         ref = level(speak(ANSWERS[1]), 0.5)[:R + 8000]
         mic = np.concatenate([np.zeros(1234, np.float32), ref])[:ref.size][-8000:] \
             + rng.standard_normal(8000).astype(np.float32) * 0.01
         lag, confidence = echo.gcc_phat(mic, ref[-16000:], 8000)
-        assert lag == 1234 and confidence > 15
+        assert abs(lag - 1234) < 0.1 and confidence > 15
         _, confidence = echo.gcc_phat(rng.standard_normal(8000), ref[-16000:], 8000)
         assert confidence < echo.DELAY_CONFIDENCE
 

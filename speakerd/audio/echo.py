@@ -68,6 +68,13 @@ DELAY_TOLERANCE = 48  # 3 ms: less moves nothing
 # into it, whatever the room's or the clocks' delay: a changed delay does not undo
 # what the filter learned. Its tail covers that plus the room's reverberation.
 SPEEX_LEAD = 160  # 10 ms
+# Sub-sample delays: a new answer lands on the device a fraction of a 16 kHz sample
+# differently (a 48 or 24 kHz device places it to its own sample), and a linear filter
+# learned at one fraction removes ~8 dB less at another until it relearns, seconds
+# later. The reference is shifted by the measured fraction too.
+SINC_TAPS = 16
+_FINE = np.linspace(-1.0, 1.0, 33)
+_FINE_SINC = np.sinc(_FINE[:, None] - np.arange(-SINC_TAPS, SINC_TAPS + 1)[None, :])
 SPEEX_TAIL = 3200  # 200 ms
 # After the speex filter resumes it holds stale history for a tail's length; after a
 # shift it re-learns the little that moved: no barge-in meanwhile.
@@ -336,11 +343,14 @@ class EchoCanceller:
             self._hold = max(self._hold, RESUME_FRAMES)
         if self.delay.feed(mic, self.reference, cursor):
             self._hold = max(self._hold, SHIFT_FRAMES)
-        start = cursor - n - self.delay.offset
+        whole = math.floor(self.delay.offset)
+        start = cursor - n - whole
         # Anything played from half a second before this frame's echo (the room's
         # reverberation) up to now, wherever the echo turns out to be; the frame's own
-        # echo (speex's reference) is in it, at RATE // 2.
-        recent = self.reference.take(start - RATE // 2, cursor - start + RATE // 2)
+        # echo (speex's reference, with SINC_TAPS either side) is in it, at RATE // 2.
+        head = RATE // 2
+        recent = self.reference.take(start - head,
+                                     max(cursor, start + n + SINC_TAPS) - start + head)
         echo_now = self.echo_now = loudest_dbfs(recent) > ACTIVE_DBFS
         self._echo_frames += echo_now
         if not self.delay.confirmed:
@@ -356,7 +366,9 @@ class EchoCanceller:
             # as the microphone, would drift from the room it learned.
             self._hold = max(self._hold, RESUME_FRAMES)
             return self.talk.update(mic, mic, echo=False)
-        linear = self.voice = self._speex.process(mic, recent[RATE // 2:RATE // 2 + n])
+        ref = fractional_delay(recent[head - SINC_TAPS:head + n + SINC_TAPS],
+                               self.delay.offset - whole)
+        linear = self.voice = self._speex.process(mic, ref)
         if self._hold:
             self._hold -= 1
             if echo_now:
@@ -398,10 +410,10 @@ class EchoDelay:
     def __init__(self) -> None:
         self._mic = np.zeros(DELAY_WINDOW, np.float32)
         self._frames = 0
-        self.offset = 0  # samples the reference is moved later for the speex filter
+        self.offset = 0.0  # samples the reference is moved later for the speex filter
         # Unconfirmed: playback (re)started; the next measure near `offset` sets it.
         self.confirmed = False
-        self._pending: int | None = None
+        self._pending: float | None = None
         self.lag_ms: float | None = None  # the last measure, for the journal
 
     def unconfirm(self) -> None:
@@ -413,7 +425,7 @@ class EchoDelay:
 
     def moved(self, by: int) -> None:
         """The reference handed with each frame moved `by` samples later."""
-        self.offset = max(0, self.offset + by)
+        self.offset = max(0.0, self.offset + by)
         self._pending = None
         self._mic[:] = 0.0  # its frames were measured against the old pairing
 
@@ -431,7 +443,7 @@ class EchoDelay:
         if confidence < DELAY_CONFIDENCE:
             return False
         self.lag_ms = lag * 1000 / RATE
-        want = max(0, lag - SPEEX_LEAD)
+        want = max(0.0, lag - SPEEX_LEAD)
         if abs(want - self.offset) <= DELAY_TOLERANCE:
             if not self.confirmed:
                 # A new run, the same echo path placed a little differently: to the
@@ -453,10 +465,10 @@ class EchoDelay:
         return True
 
 
-def gcc_phat(mic: np.ndarray, ref: np.ndarray, max_lag: int) -> tuple[int, float]:
-    """The lag (samples) by which `mic` follows `ref`, both ending at the same moment
-    (`ref` is `max_lag` longer), and its confidence: the peak in standard deviations
-    of the correlation elsewhere."""
+def gcc_phat(mic: np.ndarray, ref: np.ndarray, max_lag: int) -> tuple[float, float]:
+    """The lag (samples, to a fraction of one) by which `mic` follows `ref`, both
+    ending at the same moment (`ref` is `max_lag` longer), and its confidence: the
+    peak in standard deviations of the correlation elsewhere."""
     size = 1 << int(np.ceil(np.log2(ref.size + mic.size)))
     cross = np.fft.rfft(mic, size) * np.conj(np.fft.rfft(ref, size))
     cross /= np.maximum(np.abs(cross), 1e-12)
@@ -465,7 +477,29 @@ def gcc_phat(mic: np.ndarray, ref: np.ndarray, max_lag: int) -> tuple[int, float
     values = corr[lags % size]
     best = int(np.argmax(values))
     rest = np.concatenate([values[:max(0, best - 16)], values[best + 17:]])
-    return int(lags[best] + max_lag), float(values[best] / (np.std(rest) + 1e-12))
+    # Between the samples: the correlation is band-limited, so sinc interpolation of
+    # the points around the peak is exact; a parabola alone is biased by up to 0.15
+    # samples, differently for each fraction.
+    k = SINC_TAPS
+    around = corr[(lags[best] + np.arange(-k, k + 1)) % size]
+    vals = _FINE_SINC @ around
+    i = int(np.clip(np.argmax(vals), 1, vals.size - 2))
+    y0, y1, y2 = vals[i - 1:i + 2]
+    bend = y0 - 2 * y1 + y2
+    step = _FINE[1] - _FINE[0]
+    frac = _FINE[i] + (0.5 * (y0 - y2) / bend * step if bend < 0 else 0.0)
+    return (float(lags[best] + max_lag + frac),
+            float(values[best] / (np.std(rest) + 1e-12)))
+
+
+def fractional_delay(x: np.ndarray, f: float) -> np.ndarray:
+    """`x` delayed by `f` (0 <= f < 1) samples, windowed-sinc interpolated: SINC_TAPS
+    samples of `x` on either side are used up (the result is 2 * SINC_TAPS shorter)."""
+    if f == 0.0:
+        return x[SINC_TAPS:x.size - SINC_TAPS]
+    t = np.arange(-SINC_TAPS, SINC_TAPS + 1)
+    h = np.sinc(t - f) * np.hanning(2 * SINC_TAPS + 3)[1:-1]
+    return np.convolve(x, h.astype(np.float32), "valid")
 
 
 class TalkOver:
