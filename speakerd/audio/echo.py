@@ -554,10 +554,10 @@ class TalkOver:
         self.speaking = False
 
     def resumed(self) -> None:
-        """The speaker starts again after a pause: its echo is re-aligned to the
-        sample, not to the fraction of one, so the filter leaves more at first than
-        it learned before (-18 dB against -41 dB measured). Start from a cautious
-        estimate and learn down again (over ~0.5 s)."""
+        """The speaker starts again after a pause: until its delay is measured again
+        (to a fraction of a sample) the filter may leave more than it learned before
+        (-18 dB against -41 dB, measured before the fraction was). Start from a
+        cautious estimate and learn down again (over ~0.5 s)."""
         self.ratio = max(self.ratio, self.RESUME_DB)
 
     def reset(self) -> None:
