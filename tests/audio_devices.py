@@ -74,6 +74,8 @@ class Pulse:
         self.dir = DIR / f"pulse{suffix}"
         self.socket = self.dir / "native"
         self.speaker_file = self.dir / "speaker.raw"
+        # What PulseAudio itself says (errors only): an assertion it aborts on.
+        self.log_path = self.dir / "pulseaudio.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.monitors: list[subprocess.Popen[bytes]] = []
 
@@ -91,10 +93,15 @@ class Pulse:
             "load-module module-null-sink sink_name=mic rate=16000 channels=1\n")
         self.socket.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
+            # No shared memory: PulseAudio 16 aborts (memblock_replace_import:
+            # n_imported > 0) when a client whose memfd blocks module-loopback still
+            # holds disconnects, as `speakerd check` does in the room; the socket
+            # carries these few kB/s as well.
             ["pulseaudio", "-n", "-F", str(script), "--daemonize=no", "--system=no",
+             "--disable-shm=yes",
              "--exit-idle-time=-1", "--use-pid-file=no", "--log-target=stderr",
              "--log-level=error"],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env=self.env, stdout=subprocess.DEVNULL, stderr=self.log_path.open("ab"))
         deadline = time.monotonic() + timeout
         while subprocess.run(["pactl", "info"], env=self.env, capture_output=True,
                              timeout=10).returncode != 0:
