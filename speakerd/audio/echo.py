@@ -18,6 +18,7 @@ turns and conversations; it only runs while a conversation is open.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import threading
@@ -371,12 +372,11 @@ class EchoCanceller:
         linear = self.voice = self._speex.process(mic, ref)
         if self._hold:
             self._hold -= 1
-            if echo_now:
-                self.talk.reset()
-                return False
-        self._armed_frames += echo_now and self.talk.ratio < self.talk.adapted
-        onset = self.talk.update(mic, linear, echo=echo_now)
-        if onset and echo_now:
+            self.talk.reset()
+            return False
+        self._armed_frames += self.talk.ratio < self.talk.adapted
+        onset = self.talk.update(mic, linear, echo=True)
+        if onset:
             t = self.talk
             log.debug("a voice over the echo: the filter leaves %.0f dB of the microphone "
                       "(%.0f dB on echo alone), correlation with its prediction %.2f, echo "
@@ -497,9 +497,14 @@ def fractional_delay(x: np.ndarray, f: float) -> np.ndarray:
     samples of `x` on either side are used up (the result is 2 * SINC_TAPS shorter)."""
     if f == 0.0:
         return x[SINC_TAPS:x.size - SINC_TAPS]
+    return np.convolve(x, _sinc_filter(f), "valid")
+
+
+@functools.lru_cache(maxsize=4)
+def _sinc_filter(f: float) -> np.ndarray:
+    # The fraction changes only when the delay is measured anew: not rebuilt per frame.
     t = np.arange(-SINC_TAPS, SINC_TAPS + 1)
-    h = np.sinc(t - f) * np.hanning(2 * SINC_TAPS + 3)[1:-1]
-    return np.convolve(x, h.astype(np.float32), "valid")
+    return (np.sinc(t - f) * np.hanning(2 * SINC_TAPS + 3)[1:-1]).astype(np.float32)
 
 
 class TalkOver:
