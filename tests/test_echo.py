@@ -400,6 +400,21 @@ class TestTalkOver:
               " ".join(f"{r:.0f}" for r in early))
         assert float(np.median(early)) < -25
 
+    def test_without_libspeexdsp_there_is_no_voice_barge_in(self, monkeypatch, caplog
+                                                            ) -> None:
+        # AEC3's output holds a voice over the echo back: no substitute for the linear
+        # filter, so no barge-in by voice at all, and the journal says what to install.
+        def missing(**_: object) -> None:
+            raise speex_echo.SpeexUnavailable("libspeexdsp.so.1: cannot open shared object")
+
+        monkeypatch.setattr(speex_echo, "LinearEcho", missing)
+        played, spans = answers()
+        canceller = EchoCanceller()
+        assert "voice barge-in is off" in caplog.text and "libspeexdsp1" in caplog.text
+        user, _ = user_over(played, spans[1][0] + R)
+        _, onsets = Room(played, user).run(canceller)
+        assert onsets == []
+
     def test_a_cough_is_not_a_voice(self) -> None:
         talk = echo.TalkOver()
         quiet = np.random.default_rng(1).standard_normal(R).astype(np.float32) * 1e-4
