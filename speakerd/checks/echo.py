@@ -24,7 +24,7 @@ from speakerd.checks.report import Report, fail, ok, skip, warn
 SECONDS = 4.0
 PEAK = 0.5
 GOOD_DB = 20.0  # AEC3 on a fresh instance removes 30 dB in a quiet room
-HEARD_DBFS = -50.0  # the sweeps at the microphone: below this it did not hear them
+HEARD_DBFS = -50.0  # the test noise at the microphone: below this it did not hear it
 BARGE_IN_FIX = ("voice barge-in needs the microphone to hear the speaker: raise the "
                 "volume or move them closer; or set [conversation] barge_in = \"wake_word\"")
 
