@@ -1,0 +1,26 @@
+"""Software echo cancellation and the voice-over-the-answer detector for barge-in.
+
+reference: the played audio on the device's clock; canceller: AEC3 on each microphone
+frame, with speex's linear filter beside it for the detector; delay: the echo's lag;
+talkover: the detector; micpath: what the capture thread streams while an answer plays.
+"""
+
+from speakerd.audio.echo.canceller import EchoCanceller, EchoStats
+from speakerd.audio.echo.delay import (
+    DELAY_CONFIDENCE,
+    DELAY_MAX,
+    DELAY_WINDOW,
+    SINC_TAPS,
+    EchoDelay,
+    fractional_delay,
+    gcc_phat,
+)
+from speakerd.audio.echo.micpath import MicPath, VoiceOnset
+from speakerd.audio.echo.reference import RATE, RING_SAMPLES, Reference, dbfs, loudest_dbfs
+from speakerd.audio.echo.talkover import TalkOver, VoiceActivity
+
+__all__ = [
+    "DELAY_CONFIDENCE", "DELAY_MAX", "DELAY_WINDOW", "RATE", "RING_SAMPLES", "SINC_TAPS",
+    "EchoCanceller", "EchoDelay", "EchoStats", "MicPath", "Reference", "TalkOver",
+    "VoiceActivity", "VoiceOnset", "dbfs", "fractional_delay", "gcc_phat", "loudest_dbfs",
+]
