@@ -1,20 +1,24 @@
 """Echo cancellation and voice barge-in in a simulated room, through `speakerd run`.
 
     PYTHONPATH=. .venv/bin/python bench/echo.py [ANSWERS [TRIALS [CPU_SECONDS]]]
-                                                 (default 20, 20, 30; ~20 min)
+                                                 (default 200, 20, 30; ~75 min)
 
-A 0 skips that part (`bench/echo.py 0 20 0`: the talk-overs alone, ~10 min).
+A 0 skips that part (`bench/echo.py 0 20 0`: the talk-overs alone, ~10 min;
+`bench/echo.py 200 0 0`: the echo-only answers alone, ~60 min).
 
 The room is tests/room.py: a PulseAudio loopback from the speaker's monitor into the
 microphone sink, 60 ms late and 6 dB down (the delay moves to 120 ms and back every
-few answers); the model's answers are espeak-ng speech; the fixture server records
-every appended byte. Prints:
+few answers); the model's answers are espeak-ng speech (6-10 s, several voices); the
+fixture server records every appended byte. Prints:
 
-1. echo only, ANSWERS answers of 6-10 s with barge_in = "voice" (in one in four the
-   speaker runs dry for ~0.5 s after 1 s: an underrun): false barge-ins (goal 0), what
-   reached the server while answers played (silence: the stream is gated until a
-   voice is heard) and AEC3's reduction per answer, the daemon's own figure (goal:
-   >= 30 dB after the first);
+1. echo only, ANSWERS answers with barge_in = "voice", while a second process spins
+   on one core (as CI runs beside other work), a new daemon every 20 answers (each
+   one's first answer is the first after a start), one answer in four stalling for
+   1.5 s after 1 s (the speaker underruns), the room's delay changing every fifth:
+   false barge-ins (goal 0), what reached the server while answers played (silence:
+   the stream is gated until a voice is heard), and per answer how close echo alone
+   came to being taken for a voice (the daemon's own figure from its journal line),
+   and why voice barge-in waited;
 2. the user talking over the answer, TRIALS times, 12 dB below the echo at a random
    point: barge-ins (goal >= 19 of 20), speech onset -> playback silent at the
    speaker's monitor (median, p95; goal 400 ms), truncate's audio_end_ms against what
@@ -23,16 +27,21 @@ every appended byte. Prints:
    conversation (answers playing, mic streaming) with echo_cancellation "software"
    and "off", and idle for CPU_SECONDS with each: the ratio software/off (idle
    should be 1.0: the canceller does not run while idle).
+
+SPEAKERD_BENCH_KEEP=DIR keeps the daemons' logs and configs in DIR.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import re
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,7 +52,14 @@ import numpy as np
 
 from bench.soak import Daemon, cpu_seconds
 from tests.realtime_server import RealtimeServer, Reply
-from tests.room import Loopback, Monitor, answer_pcm, reductions, user_wav
+from tests.room import (
+    Loopback,
+    Monitor,
+    a_core_burning,
+    answer_pcm,
+    appended,
+    user_wav,
+)
 from tests.speech import silence, speak, write_wav
 from tests.test_e2e import request
 
@@ -67,8 +83,48 @@ async def follow_up(d: Daemon, tmp: Path, name: str, text: str = FOLLOW_UP) -> N
     d.play(write_wav(tmp / f"{name}.wav", np.concatenate([speak(text), silence(1.5)])))
 
 
-async def echo_only(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path,
-                    answers: int) -> None:
+@dataclass
+class EchoOnly:
+    """What `speakerd run` did over echo-only answers (no one talking over them)."""
+
+    answers: int = 0  # answers that ended, played out or cut off
+    false: int = 0  # of which cut off by a voice barge-in: nobody spoke
+    cut_off: int = 0  # answers cut off by anything at all
+    answered_over: int = 0  # answers the server started over one still playing
+    underruns: int = 0
+    starts: int = 0  # daemons started: each one's first answer is one after start
+    echo_lines: list[str] = field(default_factory=list)  # the daemon's, per answer
+    # Per answer heard at the speaker's monitor: did the server get silence over it?
+    silent: list[bool] = field(default_factory=list)
+    invalid: list[object] = field(default_factory=list)  # events not valid by openai's types
+
+    def headroom(self) -> list[float | None]:
+        """Per answer, how many dB echo alone lacked of being taken for a voice (None:
+        the detector never listened over it)."""
+        return [float(m.group(1)) if (m := re.search(r"came within (\d+) dB", line))
+                else None for line in self.echo_lines]
+
+    def explained(self) -> int:
+        return sum(int(m.group(1)) for line in self.echo_lines
+                   if (m := re.search(r"; (\d+) voice-like sound", line)))
+
+    def held(self) -> dict[str, float]:
+        """Seconds voice barge-in waited, by reason, over all answers."""
+        out: dict[str, float] = {}
+        for line in self.echo_lines:
+            if m := re.search(r"voice barge-in waited [\d.]+ s: ([^;\[]*)", line):
+                for part in m.group(1).strip().split(", "):
+                    seconds, why = part.split(" s ", 1)
+                    out[why] = out.get(why, 0.0) + float(seconds)
+        return out
+
+
+async def echo_only(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path, answers: int,
+                    *, per_start: int = 20) -> EchoOnly:
+    """`answers` echo-only answers of 6-10 s through `speakerd run` with barge_in =
+    "voice", a new daemon every `per_start` (its first answer is the first after
+    start), one in four stalling mid-answer (the speaker underruns), the room's delay
+    moving between 60 and 120 ms every fifth. The caller loads the machine."""
     pcms = [answer_pcm(i)[0] for i in range(answers)]
     # One in four: the model goes quiet for 1.5 s after 1 s of audio, so the speaker
     # runs dry for about half a second (an underrun) in the middle of the answer.
@@ -76,36 +132,58 @@ async def echo_only(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path,
                      stall_seconds=1.5) for i, p in enumerate(pcms)]
     server = RealtimeServer(vad=True, replies=replies)
     monitor = Monitor(pulse)
+    got = EchoOnly()
+    ended = ("audio_playing -> listening", "responding -> listening")
     async with server:
-        (tmp / "echo").mkdir()
-        d = voice_daemon(tmp / "echo", pulse, server)
-        await d.start()
-        d.play(write_wav(tmp / "turn0.wav", request("what is the weather tomorrow")))
-        for n in range(answers):
-            await d.expect("-> listening: response", timeout=120)
-            if n + 1 < answers:
-                if n % 5 == 4:  # the room changes between answers
-                    loop.change(latency_ms=120 if loop.latency_ms == 60 else 60)
-                await follow_up(d, tmp, f"f{n}")
-        d.stop()
+        while got.answers < answers:
+            where = tmp / f"echo{got.starts}"
+            where.mkdir()
+            d = voice_daemon(where, pulse, server)
+            await d.start()
+            got.starts += 1
+            d.play(write_wav(where / "wake.wav", request("what is the weather tomorrow")))
+            for k in range(min(per_start, answers - got.answers)):
+                await d.expect(ended, timeout=120)
+                got.answers += 1
+                if k + 1 < per_start and got.answers < answers:
+                    if got.answers % 5 == 0:  # the room changes between answers
+                        loop.change(latency_ms=120 if loop.latency_ms == 60 else 60)
+                    await follow_up(d, where, f"f{k}")
+            d.stop()
+            got.false += d.text.count("barge-in by voice")
+            got.cut_off += d.text.count("cut off after")
+            got.answered_over += d.text.count("audio_playing -> responding")
+            got.underruns += d.text.count("underran in the middle")
+            got.echo_lines += [line.split(": ", 2)[2] for line in d.text.splitlines()
+                               if "echo cancellation over answer" in line]
     monitor.stop()
-    figures = reductions(server, monitor, pcms, loop.gain_db)
-    own = [line.split(": ", 2)[2].split(" removed")[0]
-           for line in d.text.splitlines() if "echo cancellation over answer" in line]
-    false = d.text.count("barge-in by voice")
-    print(f"1. echo only: {answers} answers, {false} false barge-ins (goal 0); "
-          f"{d.text.count('underran in the middle')} underruns; "
-          f"{d.text.count('audio_playing -> responding')} answers the server started over "
-          "one still playing (its turn detection hearing the echo)")
-    silent = sum(f > 150 for f in figures)
-    print(f"   what reached the server while answers played: silence in {silent} of "
-          f"{len(figures)} (the stream is gated until a voice is heard); otherwise the "
-          "echo reduction (dB):", " ".join(f"{f:.0f}" for f in figures if f <= 150))
-    print("   AEC3's reduction per answer (the daemon's own figure, what it would send):",
-          " ".join(own))
-    later = [float(x.split()[0]) for x in own[1:]] or [0.0]
-    print(f"   after the first: min {min(later):.1f} dB, median "
-          f"{statistics.median(later):.1f} dB (goal >= 30)")
+    got.invalid = list(server.invalid)
+    for a, b in [s for s in monitor.loud_spans() if s[1] - s[0] > 3.0]:
+        # The drain callback comes a little before the monitor's last sound (the
+        # sink's own latency): the stream opens for the follow-up from then on.
+        heard = appended(server, a + 0.4, b - 0.6)
+        got.silent.append(heard.size > 0 and not heard.any())
+    return got
+
+
+def print_echo_only(got: EchoOnly, seconds: float) -> None:
+    room = " ".join("-" if h is None else f"{h:.0f}" for h in got.headroom())
+    print(f"1. echo only, the machine loaded (a second process spinning on a core): "
+          f"{got.answers} answers ({got.starts} right after a start, {got.underruns} "
+          f"underruns, the room's delay changed every fifth), {seconds / 60:.0f} min")
+    print(f"   false barge-ins: {got.false} (goal 0); answers the server started over one "
+          f"still playing: {got.answered_over}; the server got silence over "
+          f"{sum(got.silent)} of {len(got.silent)}")
+    print("   per answer, dB that echo alone lacked of being taken for a voice (a voice "
+          "needs 0; - where voice barge-in never listened):\n   " + room)
+    known = [h for h in got.headroom() if h is not None]
+    if known:
+        print(f"   the worst: {min(known):.0f} dB; median {statistics.median(known):.0f} dB; "
+              f"voice-like sounds explained as echo: {got.explained()}")
+    held = got.held()
+    total = sum(held.values())
+    print(f"   voice barge-in waited {total:.0f} s in all: " + ", ".join(
+        f"{s:.0f} s {why}" for why, s in sorted(held.items(), key=lambda x: -x[1])))
 
 
 async def barge_ins(pulse: audio_devices.Pulse, loop: Loopback, tmp: Path,
@@ -234,12 +312,15 @@ async def main(answers: int, trials: int, cpu_s: float) -> None:
     pulse.start()
     try:
         with tempfile.TemporaryDirectory(prefix="speakerd-echo-") as t:
-            tmp = Path(t)
+            tmp = Path(os.environ.get("SPEAKERD_BENCH_KEEP") or t)
             with Loopback(pulse, latency_ms=60, gain_db=-6.0) as loop:
                 print("room: loopback 60 ms (120 ms every fifth answer), -6 dB; espeak-ng "
                       "answers at -6 dBFS peak\n")
                 if answers:
-                    await echo_only(pulse, loop, tmp, answers)
+                    began = time.monotonic()
+                    with a_core_burning():
+                        got = await echo_only(pulse, loop, tmp, answers)
+                    print_echo_only(got, time.monotonic() - began)
                     loop.change(latency_ms=60)
                 if trials:
                     await barge_ins(pulse, loop, tmp, trials)
@@ -258,5 +339,5 @@ async def main(answers: int, trials: int, cpu_s: float) -> None:
 
 if __name__ == "__main__":
     args = [float(a) for a in sys.argv[1:]]
-    asyncio.run(main(int(args[0]) if args else 20, int(args[1]) if len(args) > 1 else 20,
+    asyncio.run(main(int(args[0]) if args else 200, int(args[1]) if len(args) > 1 else 20,
                      args[2] if len(args) > 2 else 30.0))

@@ -138,15 +138,18 @@ class Daemon(Speaker):
         self._read += end
         self.text += data[:end].decode(errors="replace")
 
-    async def expect(self, text: str, timeout: float = 30) -> None:
-        """Wait for `text` in the log after the last expected one, then move past it."""
+    async def expect(self, text: str | tuple[str, ...], timeout: float = 30) -> str:
+        """Wait for `text` (or the first of several) in the log after the last expected
+        one, then move past it; -> what was found."""
+        texts = (text,) if isinstance(text, str) else text
         deadline = time.monotonic() + timeout
         while True:
             self._pull()
-            at = self.text.find(text, self._cursor)
-            if at >= 0:
-                self._cursor = at + len(text)
-                return
+            found = [(at, t) for t in texts if (at := self.text.find(t, self._cursor)) >= 0]
+            if found:
+                at, t = min(found)
+                self._cursor = at + len(t)
+                return t
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"speakerd exited with {self.proc.returncode} while "

@@ -505,14 +505,9 @@ class Daemon:
             return
         stats = self.echo.take_stats()
         if stats is not None and stats.seconds >= 0.5:
-            voice = ""
-            if self.config.conversation.barge_in == "voice":
-                voice = (f"; a voice over it could be heard during {stats.listening:.0%} of "
-                         f"it (the barge-in filter removes {stats.linear_db:.0f} dB)")
-            log.info("echo cancellation over %s: %.0f dB removed from %.1f s of "
-                     "microphone audio while the speaker played (%.0f -> %.0f dBFS)%s",
-                     what, stats.reduction_db, stats.seconds, stats.mic_dbfs,
-                     stats.out_dbfs, voice, extra=logmod.fields(event="echo"))
+            log.info("echo cancellation over %s: %s", what,
+                     stats.summary(self.config.conversation.barge_in == "voice"),
+                     extra=logmod.fields(event="echo"))
 
     def _from_client(self, client: clientmod.RealtimeClient, event: object) -> None:
         if client is not self._client:

@@ -12,13 +12,14 @@ microphone and speaker on one Pi do. The delay changes when the room does
 from __future__ import annotations
 
 import base64
+import contextlib
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import soxr
-
-from speakerd.audio.echo import dbfs
 
 from .audio_devices import Pulse
 from .realtime_server import RealtimeServer
@@ -37,10 +38,15 @@ ANSWER_TEXTS = [
 ANSWER_PEAK = 0.5
 
 
+VOICES = ["en-us+f3", "en-gb+m3", "en-us+f5", "en-gb-x-rp+f2", "en-us+m1"]
+
+
 def answer_pcm(i: int) -> tuple[bytes, float]:
-    """The model's i-th spoken answer: 24 kHz s16le espeak-ng speech, and its level in
-    dBFS over its voiced stretches."""
-    x = speak(ANSWER_TEXTS[i % len(ANSWER_TEXTS)], voice="en-us+f3", speed=150)
+    """The model's i-th spoken answer: 24 kHz s16le espeak-ng speech (6-10 s, in turn
+    one of the texts, voices and speeds), and its level in dBFS over its voiced
+    stretches."""
+    x = speak(ANSWER_TEXTS[i % len(ANSWER_TEXTS)], voice=VOICES[i // 4 % len(VOICES)],
+              speed=(150, 135, 165)[i // 20 % 3])
     x = soxr.resample(x, 16000, 24000).astype(np.float32)
     x = x / np.abs(x).max() * ANSWER_PEAK
     return (np.clip(np.rint(x * 32768), -32768, 32767).astype("<i2").tobytes(),
@@ -159,6 +165,18 @@ class Monitor:
         self.proc.wait(5)
 
 
+@contextlib.contextmanager
+def a_core_burning() -> Iterator[None]:
+    """A second process spinning on one core while the rig runs, as CI runs beside
+    other work."""
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        burner.kill()
+        burner.wait()
+
+
 def appended(server: RealtimeServer, start: float, end: float) -> np.ndarray:
     """What the daemon appended that reached the server between two times (24 kHz)."""
     parts = [np.frombuffer(base64.b64decode(r.event["audio"]), "<i2")
@@ -166,20 +184,3 @@ def appended(server: RealtimeServer, start: float, end: float) -> np.ndarray:
              and start <= r.at <= end]
     return (np.concatenate(parts).astype(np.float64) / 32768 if parts
             else np.zeros(0))
-
-
-def pcm_dbfs(pcm: bytes) -> float:
-    return dbfs(np.frombuffer(pcm, "<i2").astype(np.float64) / 32768)
-
-
-def reductions(server: RealtimeServer, monitor: Monitor, answers: list[bytes],
-               gain_db: float) -> list[float]:
-    """Per answer heard: the echo a mic without cancellation would have sent (the
-    answer's power through the loopback's gain) over what reached the server."""
-    spans = [s for s in monitor.loud_spans() if s[1] - s[0] > 3.0]
-    out = []
-    for (a, b), pcm in zip(spans, answers, strict=False):
-        # Appends arrive a frame or two after capture: skip the edges.
-        got = appended(server, a + 0.4, b - 0.2)
-        out.append(pcm_dbfs(pcm) + gain_db - dbfs(got))
-    return out

@@ -359,6 +359,37 @@ class TestPaced:
         assert p.underruns >= 1
         assert p.played_ms("r") >= 450
 
+    async def test_an_underrun_tells_the_echo_reference_a_new_run_begins(self, pulse):
+        # However short the gap, what follows an underrun is placed on the device's
+        # clock afresh; the echo canceller must not take it for the same run.
+        calls: list[str] = []
+
+        class Echo:
+            def played(self, samples, rate, heard_at, written_at) -> None:
+                if not calls or calls[-1] != "played":
+                    calls.append("played")
+
+            def flushed(self) -> None:
+                calls.append("flushed")
+
+            def ran_dry(self) -> None:
+                calls.append("ran_dry")
+
+        sink = Sink()
+        p = make_playback("spk", sink)
+        p.echo = Echo()
+        p.enqueue(tone_s16(0.2), "r")
+        await until(lambda: p.played_ms("r") >= 200)
+        await until(lambda: p.underruns or p._commands.qsize() == 0)
+        await asyncio.sleep(0.3)  # hold back the rest of the answer: that is the test
+        p.enqueue(tone_s16(0.3), "r")
+        p.finish("r")
+        await sink.until(lambda: sink.drained)
+        p.stop()
+        assert p.underruns >= 1
+        i = calls.index("ran_dry")
+        assert calls[0] == "played" and "played" in calls[i:]
+
     async def test_capture_delivers_a_frame_per_80_ms_of_audio(self, pulse, tmp_path):
         import subprocess
         wav = tmp_path / "speech.wav"

@@ -2,8 +2,8 @@
 
 The speaker's sound returns to the microphone through a PulseAudio loopback (60 ms
 late, 6 dB down; tests/room.py), the model's answers are espeak-ng speech, and the
-fixture server records every byte of audio the daemon appends. A few answers here;
-bench/echo.py runs the 20-trial figures.
+fixture server records every byte of audio the daemon appends. 20 echo-only answers
+and one talk-over here; bench/echo.py runs 200 and 20 of them for the figures.
 """
 
 from __future__ import annotations
@@ -16,11 +16,19 @@ import time
 import numpy as np
 import pytest
 
+from bench.echo import echo_only, print_echo_only
 from speakerd.audio import speex_echo
 
 from .conftest import need
 from .realtime_server import RealtimeServer, Reply
-from .room import Loopback, Monitor, answer_pcm, appended, user_wav, voiced_dbfs
+from .room import (
+    Loopback,
+    a_core_burning,
+    answer_pcm,
+    appended,
+    user_wav,
+    voiced_dbfs,
+)
 from .speech import have_espeak, silence, speak
 from .test_e2e import Speaker, request
 
@@ -44,43 +52,21 @@ def room(pulse):
         yield loop
 
 
-def echo_lines(log: str) -> list[str]:
-    return [line.split(": ", 2)[2] for line in log.splitlines()
-            if "echo cancellation over answer" in line]
-
-
 async def test_echo_alone_never_barges_in_nor_reaches_the_server(tmp_path, room):
-    answers = [answer_pcm(i)[0] for i in range(3)]
-    server = RealtimeServer(vad=True, replies=[Reply(pcm=a, speed=20) for a in answers])
-    monitor = Monitor(room.pulse)
-    async with server:
-        spk = voice_speaker(tmp_path, room.pulse, server)
-        await spk.start()
-        try:
-            spk.say(request("what is the weather tomorrow"), "turn0")
-            for n, text in enumerate(FOLLOW_UPS, start=1):
-                await spk.wait_log("audio_playing -> listening", count=n, timeout=90)
-                if n == 2:  # the room changes between answers: the echo comes later
-                    room.change(latency_ms=120)
-                spk.say(np.concatenate([speak(text), silence(1.5)]), f"turn{n}")
-            await spk.wait_log("audio_playing -> listening", count=len(answers), timeout=90)
-        finally:
-            assert spk.stop() == 0
-            monitor.stop()
-    assert server.invalid == []
-    print("the daemon's figures:", *echo_lines(spk.log), sep="\n  ")
-    assert "barge-in by voice" not in spk.log
-    assert "cut off after" not in spk.log
+    # bench/echo.py's conditions, 20 answers instead of 200: the machine loaded, two
+    # starts (each one's first answer), underruns, the room's delay changing.
+    began = time.monotonic()
+    with a_core_burning():
+        got = await echo_only(room.pulse, room, tmp_path, 20, per_start=10)
+    print_echo_only(got, time.monotonic() - began)
+    assert got.invalid == []
+    assert got.answers == 20 and got.starts == 2
+    assert got.false == 0
+    assert got.cut_off == 0
     # The server never answered its own echo: it heard silence while answers played.
-    assert "audio_playing -> responding" not in spk.log
-    spans = [s for s in monitor.loud_spans() if s[1] - s[0] > 3.0]
-    assert len(spans) == len(answers)
-    for a, b in spans:
-        # The drain callback comes a little before the monitor's last sound (the
-        # sink's own latency): the stream opens for the follow-up from then on.
-        heard = appended(server, a + 0.4, b - 0.6)
-        assert heard.size > 0 and not heard.any()
-    assert len(echo_lines(spk.log)) == len(answers)
+    assert got.answered_over == 0
+    assert len(got.silent) == 20 and all(got.silent)
+    assert len(got.echo_lines) == 20
 
 
 async def test_talking_over_the_answer_barges_in_and_the_words_reach_the_server(tmp_path,

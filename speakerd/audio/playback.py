@@ -40,6 +40,7 @@ class EchoSink(Protocol):
     def played(self, samples: np.ndarray, rate: int, heard_at: float,
                written_at: float) -> None: ...
     def flushed(self) -> None: ...
+    def ran_dry(self) -> None: ...
 
 
 @dataclass
@@ -304,6 +305,11 @@ class Playback:
                 self.underruns += 1
                 log.warning("speaker %s underran in the middle of an answer (%d so far); "
                             "a gap was heard", self.device, self.underruns)
+            echo = self.echo
+            if echo is not None:
+                # What follows starts a new run on the device, however short the gap:
+                # its frame clock no longer continues the last write's.
+                echo.ran_dry()
             return
         frames = n
         if r is not None:

@@ -59,6 +59,8 @@ class LinearEcho:
 
     def __init__(self, *, rate: int = 16000, block: int = 160, tail: int = 3200) -> None:
         self.block = block
+        self._rate = rate
+        self._tail = tail
         self._lib = _lib()
         self._state = self._lib.speex_echo_state_init(block, tail)
         if not self._state:
@@ -80,6 +82,14 @@ class LinearEcho:
                                               base[2] + i)
         return out.astype(np.float32) / 32768
 
+    def passthrough(self, length: int = 512) -> np.ndarray:
+        """What the filter hands through untouched besides removing echo: speex takes a
+        DC notch of the microphone before it subtracts its estimate, so `mic - output`
+        is its estimate plus this filter of the microphone (a leaky integral of it, from
+        which two taps rebuild the microphone exactly). The impulse response, measured
+        on a fresh filter with nothing played."""
+        return _passthrough(self._rate, self.block, self._tail, length)
+
     def close(self) -> None:
         if self._state:
             self._lib.speex_echo_state_destroy(self._state)
@@ -91,3 +101,16 @@ class LinearEcho:
 
 def _s16(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.clip(np.rint(x * 32768), -32768, 32767).astype(np.int16))
+
+
+@functools.cache
+def _passthrough(rate: int, block: int, tail: int, length: int) -> np.ndarray:
+    n = -(-length // block) * block
+    impulse = np.zeros(n, np.float32)
+    impulse[0] = 0.5
+    probe = LinearEcho(rate=rate, block=block, tail=tail)
+    try:
+        out = probe.process(impulse, np.zeros(n, np.float32))
+    finally:
+        probe.close()
+    return ((impulse - out) * 2)[:length].astype(np.float64)

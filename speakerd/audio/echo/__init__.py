@@ -5,12 +5,21 @@ frame, with speex's linear filter beside it for the detector; delay: the echo's 
 talkover: the detector; micpath: what the capture thread streams while an answer plays.
 """
 
-from speakerd.audio.echo.canceller import EchoCanceller, EchoStats
+from speakerd.audio.echo.canceller import (
+    LEARNING,
+    MEASURING,
+    MOVED,
+    RELEARNING,
+    TOO_LITTLE,
+    EchoCanceller,
+    EchoStats,
+)
 from speakerd.audio.echo.delay import (
     DELAY_CONFIDENCE,
     DELAY_MAX,
     DELAY_WINDOW,
     SINC_TAPS,
+    SPEEX_LEAD,
     EchoDelay,
     fractional_delay,
     gcc_phat,
@@ -20,7 +29,28 @@ from speakerd.audio.echo.reference import RATE, RING_SAMPLES, Reference, dbfs, l
 from speakerd.audio.echo.talkover import TalkOver, VoiceActivity
 
 __all__ = [
-    "DELAY_CONFIDENCE", "DELAY_MAX", "DELAY_WINDOW", "RATE", "RING_SAMPLES", "SINC_TAPS",
-    "EchoCanceller", "EchoDelay", "EchoStats", "MicPath", "Reference", "TalkOver",
-    "VoiceActivity", "VoiceOnset", "dbfs", "fractional_delay", "gcc_phat", "loudest_dbfs",
+    "DELAY_CONFIDENCE",
+    "DELAY_MAX",
+    "DELAY_WINDOW",
+    "LEARNING",
+    "MEASURING",
+    "MOVED",
+    "RATE",
+    "RELEARNING",
+    "RING_SAMPLES",
+    "SINC_TAPS",
+    "SPEEX_LEAD",
+    "TOO_LITTLE",
+    "EchoCanceller",
+    "EchoDelay",
+    "EchoStats",
+    "MicPath",
+    "Reference",
+    "TalkOver",
+    "VoiceActivity",
+    "VoiceOnset",
+    "dbfs",
+    "fractional_delay",
+    "gcc_phat",
+    "loudest_dbfs",
 ]

@@ -20,12 +20,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from speakerd.audio import resample, speex_echo
-from speakerd.audio.echo.delay import SINC_TAPS, EchoDelay, fractional_delay
+from speakerd.audio.echo.delay import SINC_TAPS, SPEEX_LEAD, EchoDelay, fractional_delay
 from speakerd.audio.echo.reference import (
     ACTIVE_DBFS,
     RATE,
@@ -63,6 +63,17 @@ SPEEX_TAIL = 3200  # 200 ms
 # shift it re-learns the little that moved: no barge-in meanwhile.
 RESUME_FRAMES = 4
 SHIFT_FRAMES = 20
+# How far the echo may slip from where the filter expects it before anyone notices:
+# a playback or capture clock reading is taken as jitter up to 30 ms.
+ECHO_SLIP = 480
+
+
+# Why voice barge-in waited over a frame of echo, most basic first.
+MEASURING = "measuring the echo's delay"
+MOVED = "the echo moved"
+LEARNING = "learning the room"
+TOO_LITTLE = "the filter removed too little"
+RELEARNING = "relearning after a misfit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,11 +86,50 @@ class EchoStats:
     realigned: int  # times either stream was moved back onto its clock
     listening: float = 0.0  # fraction of the frames with echo where a voice could be heard
     linear_db: float = 0.0  # the echo speex's filter removes (what the detector hears)
+    # Seconds of echo over which voice barge-in waited, by reason (MEASURING, ...).
+    held: tuple[tuple[str, float], ...] = ()
+    # How close echo alone came to being taken for a voice: dB that the loudest 100 ms
+    # of one detector window lacked (inf when the detector was never armed, negative
+    # when it got there and the candidate had to be explained away).
+    headroom_db: float = math.inf
+    explained: int = 0  # voice-like candidates taken for echo
 
     @property
     def reduction_db(self) -> float:
         return self.mic_dbfs - self.out_dbfs
 
+    def summary(self, voice: bool) -> str:
+        """The journal's line on it; `voice`: with voice barge-in, what it heard."""
+        line = (f"{self.reduction_db:.0f} dB removed from {self.seconds:.1f} s of microphone "
+                f"audio while the speaker played ({self.mic_dbfs:.0f} -> "
+                f"{self.out_dbfs:.0f} dBFS)")
+        if not voice:
+            return line
+        line += (f"; a voice over it could be heard during {self.listening:.0%} of it (the "
+                 f"barge-in filter removes {self.linear_db:.0f} dB)")
+        if self.held:
+            line += (f"; voice barge-in waited {sum(s for _, s in self.held):.1f} s: "
+                     + ", ".join(f"{s:.1f} s {why}" for why, s in self.held))
+        if self.explained:
+            line += f"; {self.explained} voice-like sound(s) in it were echo"
+        if self.headroom_db != math.inf:
+            line += f"; echo alone came within {max(self.headroom_db, 0):.0f} dB of a voice"
+        return line
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What EchoStats reports, as the capture thread adds it up (under the lock)."""
+
+    mic_energy: float = 0.0
+    out_energy: float = 0.0
+    active_samples: int = 0
+    echo_frames: int = 0
+    heard_frames: int = 0
+    held: dict[str, int] = field(default_factory=dict)
+    closest: float = -math.inf
+    explained: int = 0
+    linear_db: float = 0.0
 
 
 class EchoCanceller:
@@ -103,18 +153,15 @@ class EchoCanceller:
         self._start: float | None = None  # the envelope: when sample 0 was captured
         self._above = 0  # readings in a row far above it
         self._last_end = -math.inf
+        # What take_stats() reports: added up by the capture thread, taken by the loop.
         self._lock = threading.Lock()
-        self._mic_energy = 0.0
-        self._out_energy = 0.0
-        self._active_samples = 0
+        self._tally = _Tally()
         self.realigned = 0
         self.frames = 0
         # Voice over the echo: speex's linear filter on the reference shifted by the
         # measured delay, and a detector on what it leaves.
         self.delay = EchoDelay()
-        self.talk = TalkOver()
         self.onset = False  # set by process(): a voice began over the echo in this frame
-        self.echo_now = False  # and whether the speaker played within the last half second
         # The frame as best kept for a voice over the echo: speex's output (the voice
         # whole, a little echo left) when it ran, else AEC3's.
         self.voice = np.zeros(FRAME_SAMPLES, np.float32)
@@ -126,11 +173,11 @@ class EchoCanceller:
             # echo down with it and lets it through only in the answer's pauses.
             log.warning("voice barge-in is off: %s; the wake word and the talk button "
                         "still interrupt an answer (sudo apt install libspeexdsp1)", e)
+        self.talk = TalkOver(passthrough=self._speex.passthrough() if self._speex else None)
         self._hold = 0  # frames before the detector may fire again
         self._moved = 0  # samples the microphone's clock moved the reference since
-        self._echo_frames = 0  # frames with echo, since take_stats()
-        self._armed_frames = 0  # of which the detector could hear a voice
         self._seen_runs = 0
+        self._explained = 0  # talk.explained when last added to the tally
 
     def played(self, samples: np.ndarray, rate: int, heard_at: float,
                written_at: float | None = None) -> None:
@@ -140,6 +187,10 @@ class EchoCanceller:
     def flushed(self) -> None:
         """Playback thread: the device dropped what it held."""
         self.reference.clear()
+
+    def ran_dry(self) -> None:
+        """Playback thread: the device ran out of audio (an underrun)."""
+        self.reference.ran_dry()
 
     def process(self, frame: bytes, end_time: float) -> tuple[bytes, np.ndarray]:
         """One 80 ms s16le frame whose last sample was captured no later than
@@ -182,10 +233,26 @@ class EchoCanceller:
             mic_e = float(np.sum(np.square(mic, dtype=np.float64)))
             out_e = float(np.sum(np.square(out, dtype=np.float64)))
             with self._lock:
-                self._mic_energy += mic_e
-                self._out_energy += out_e
-                self._active_samples += n
+                self._tally.mic_energy += mic_e
+                self._tally.out_energy += out_e
+                self._tally.active_samples += n
         return resample.float_to_s16(out), out
+
+    def _count(self, held: str | None) -> None:
+        """A frame of echo: whether a voice could have been heard over it, or why not."""
+        talk = self.talk
+        closest = talk.take_closest()
+        explained, self._explained = talk.explained - self._explained, talk.explained
+        with self._lock:
+            t = self._tally
+            t.echo_frames += 1
+            if held is None:
+                t.heard_frames += 1
+            else:
+                t.held[held] = t.held.get(held, 0) + 1
+            t.closest = max(t.closest, closest)
+            t.explained += explained
+            t.linear_db = -talk.ratio
 
     def _talk_over(self, mic: np.ndarray, out: np.ndarray, cursor: int) -> bool:
         """Does a voice begin over the echo in this frame? `cursor`: the reference
@@ -216,14 +283,14 @@ class EchoCanceller:
         head = RATE // 2
         recent = self.reference.take(start - head,
                                      max(cursor, start + n + SINC_TAPS) - start + head)
-        echo_now = self.echo_now = loudest_dbfs(recent) > ACTIVE_DBFS
-        self._echo_frames += echo_now
+        echo_now = loudest_dbfs(recent) > ACTIVE_DBFS
         if not self.delay.confirmed:
             # Speex would learn the wrong echo path: it stays as it was, and only a
             # microphone with no echo in it can be listened to.
             self._hold = max(self._hold, RESUME_FRAMES)
             if echo_now:
                 self.talk.reset()
+                self._count(MEASURING)
                 return False
             return self.talk.update(mic, mic, echo=False)
         if not echo_now:
@@ -237,9 +304,13 @@ class EchoCanceller:
         if self._hold:
             self._hold -= 1
             self.talk.reset()
+            self._count(MOVED)
             return False
-        self._armed_frames += self.talk.ratio < self.talk.adapted
-        onset = self.talk.update(mic, linear, echo=True)
+        talk = self.talk
+        held = (TOO_LITTLE if talk.ratio >= talk.adapted else LEARNING if not talk.armed
+                else RELEARNING if talk.relearning else None)
+        onset = talk.update(mic, linear, echo=True, could_be=self._echo_bound(recent, head, n))
+        self._count(held)
         if onset:
             t = self.talk
             log.debug("a voice over the echo: the filter leaves %.0f dB of the microphone "
@@ -248,18 +319,32 @@ class EchoCanceller:
                       self.delay.lag_ms or 0.0)
         return onset
 
+    @staticmethod
+    def _echo_bound(recent: np.ndarray, head: int, n: int) -> np.ndarray:
+        """Per 10 ms piece of the frame, the loudest the reference played anywhere its
+        echo could come from (dB): where the filter expects it (SPEEX_LEAD before), and
+        ECHO_SLIP either side of that, for an echo that slipped unnoticed."""
+        sub = TalkOver.SUB
+        usable = recent[:recent.size - recent.size % sub]
+        power = np.mean(np.square(usable.reshape(-1, sub), dtype=np.float64), axis=1)
+        level = 10 * np.log10(np.maximum(power, 1e-20))
+        slip = ECHO_SLIP // sub
+        first = (head - SPEEX_LEAD) // sub  # where the first piece's echo comes from
+        return np.array([level[max(0, first + j - slip):first + j + slip + 1].max()
+                         for j in range(n // sub)])
+
     def take_stats(self) -> EchoStats | None:
         """The echo reduction since the last call; None if the speaker played nothing."""
         with self._lock:
-            n, mic, out = self._active_samples, self._mic_energy, self._out_energy
-            self._active_samples = 0
-            self._mic_energy = self._out_energy = 0.0
+            t, self._tally = self._tally, _Tally(linear_db=self._tally.linear_db)
+        n = t.active_samples
         if not n:
             return None
-        echo_frames, armed = self._echo_frames, self._armed_frames
-        self._echo_frames = self._armed_frames = 0
-        return EchoStats(n / RATE, 10 * math.log10(max(mic / n, 1e-20)),
-                         10 * math.log10(max(out / n, 1e-20)),
+        frame_s = FRAME_SAMPLES / RATE
+        return EchoStats(n / RATE, 10 * math.log10(max(t.mic_energy / n, 1e-20)),
+                         10 * math.log10(max(t.out_energy / n, 1e-20)),
                          self.realigned + self.reference.realigned,
-                         armed / echo_frames if echo_frames else 0.0, -self.talk.ratio)
-
+                         t.heard_frames / t.echo_frames if t.echo_frames else 0.0,
+                         t.linear_db,
+                         tuple((why, frames * frame_s) for why, frames in t.held.items()),
+                         self.talk.margin - t.closest, t.explained)

@@ -50,9 +50,12 @@ class EchoDelay:
     def unconfirm(self) -> None:
         """A new run of playback: its reference is placed by a fresh reading of the
         device's delay, a few ms off the last one's, and the filter needs it to the
-        sample. The next measure sets the offset exactly."""
+        sample. The next measure sets the offset exactly, and only this run's echo may
+        make it: after an underrun the window still holds the last run's, and a measure
+        of that confirmed the old placement while the filter met the new one."""
         self.confirmed = False
         self._pending = None
+        self._mic[:] = 0.0
 
     def moved(self, by: int) -> None:
         """The reference handed with each frame moved `by` samples later."""

@@ -41,7 +41,8 @@ class Reference:
     """The ring of played audio at 16 kHz, indexed by the time it was heard.
 
     `played()` is called by the playback thread only, `take()` by the capture thread
-    only; `clear()` by the playback thread on a flush. A lock guards the ring.
+    only; `clear()` by the playback thread on a flush, `ran_dry()` on an underrun. A
+    lock guards the ring.
     """
 
     def __init__(self) -> None:
@@ -128,6 +129,14 @@ class Reference:
         """Playback flushed: what was queued will never be heard."""
         with self._lock:
             self._stamp.fill(-1)
+        self._next = None
+
+    def ran_dry(self) -> None:
+        """The device ran out of audio (an underrun): what it had was heard, and the next
+        write starts a new run, placed by its own reading of the clock. A gap shorter
+        than PLAYBACK_SLACK_MS would otherwise pass for jitter, and the reference run on
+        as if the gap had not been: the echo up to 30 ms later than it says, the linear
+        filter leaving all of it (a false barge-in under load, seen in CI)."""
         self._next = None
 
     def take(self, start: int, n: int) -> np.ndarray:
