@@ -164,6 +164,47 @@ class TestEchoReduction:
         assert stats.reduction_db >= 15
         assert canceller.take_stats() is None  # taken: nothing new since
 
+    def test_stats_taken_from_another_thread_lose_nothing(self) -> None:
+        # The capture thread adds up while the loop takes the tallies: every frame of
+        # echo is in exactly one EchoStats, however the two threads interleave.
+        import sys
+        import threading
+        need_speex()
+        played, _ = answers()
+
+        def run(take_meanwhile: bool) -> float:
+            canceller = EchoCanceller()
+            seen: list[echo.EchoStats] = []
+            done = threading.Event()
+
+            def taker() -> None:
+                while not done.is_set():
+                    if (got := canceller.take_stats()) is not None:
+                        seen.append(got)
+
+            thread = threading.Thread(target=taker)
+            if take_meanwhile:
+                thread.start()
+            try:
+                Room(played).run(canceller)
+            finally:
+                done.set()
+                if take_meanwhile:
+                    thread.join()
+            if (got := canceller.take_stats()) is not None:
+                seen.append(got)
+            return sum(st.echo_s for st in seen)
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # hand the GIL over between almost every bytecode
+        try:
+            alone, together = run(False), run(True)
+        finally:
+            sys.setswitchinterval(interval)
+        print(f"seconds of echo counted: {alone:.2f} taken once, {together:.2f} taken "
+              "all along")
+        assert alone > 5 and together == pytest.approx(alone)
+
     def test_the_canceller_stays_adapted_across_a_long_quiet_spell(self) -> None:
         # One instance for the daemon's life: an answer minutes later starts adapted.
         played, spans = answers(gap_seconds=20.0)

@@ -93,6 +93,7 @@ class EchoStats:
     # when it got there and the candidate had to be explained away).
     headroom_db: float = math.inf
     explained: int = 0  # voice-like candidates taken for echo
+    echo_s: float = 0.0  # of frames the detector saw with echo in them
 
     @property
     def reduction_db(self) -> float:
@@ -334,17 +335,20 @@ class EchoCanceller:
                          for j in range(n // sub)])
 
     def take_stats(self) -> EchoStats | None:
-        """The echo reduction since the last call; None if the speaker played nothing."""
+        """What the canceller did since the last call; None if the speaker played
+        nothing and no frame of echo was seen."""
         with self._lock:
-            t, self._tally = self._tally, _Tally(linear_db=self._tally.linear_db)
-        n = t.active_samples
-        if not n:
-            return None
+            t = self._tally
+            if not (t.active_samples or t.echo_frames):
+                return None
+            self._tally = _Tally(linear_db=t.linear_db)
+        n = max(t.active_samples, 1)
         frame_s = FRAME_SAMPLES / RATE
-        return EchoStats(n / RATE, 10 * math.log10(max(t.mic_energy / n, 1e-20)),
+        return EchoStats(t.active_samples / RATE,
+                         10 * math.log10(max(t.mic_energy / n, 1e-20)),
                          10 * math.log10(max(t.out_energy / n, 1e-20)),
                          self.realigned + self.reference.realigned,
                          t.heard_frames / t.echo_frames if t.echo_frames else 0.0,
                          t.linear_db,
                          tuple((why, frames * frame_s) for why, frames in t.held.items()),
-                         self.talk.margin - t.closest, t.explained)
+                         self.talk.margin - t.closest, t.explained, t.echo_frames * frame_s)
