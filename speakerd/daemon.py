@@ -119,6 +119,7 @@ class Daemon:
         self._exit_code = 0
         # Devices that are not there (yet): "microphone"/"speaker" -> ALSA name.
         self.missing: dict[str, str] = {}
+        self._reload_failed = False  # the file on disk is not the config that runs
         self._idle = asyncio.Event()  # set whenever the session comes to rest
         self._turn: dict[str, float] = {}  # timings of the current turn, for the debug log
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -208,7 +209,7 @@ class Daemon:
         self._log_startup()
         # In the background, after the start line: a few espeak-ng runs, ~0.1 s here.
         self._spawn(self.phrases.render(), "phrases")
-        self.notifier.ready(self._status_text(s.status_text(s.State.IDLE, self.session.muted)))
+        self.notifier.ready(self.status_line())
         try:
             await self._stop.wait()
             await self._wind_down()
@@ -282,7 +283,8 @@ class Daemon:
             key = configmod.resolve_api_key(new)
         except ConfigError as e:
             log.error("config reload failed, keeping the running config: %s", e)
-            self.notifier.ready("idle (config reload failed, old config kept)")
+            self._reload_failed = True
+            self.notifier.ready(self.status_line())
             return
         if key:
             self.redact.add(key.reveal())
@@ -300,7 +302,8 @@ class Daemon:
             self.playback.volume = new.audio.playback_volume
         logmod.set_level(new.log.level)
         log.info("config reloaded from %s", path)
-        self.notifier.ready(self._status_text(s.STATUS[self.session.state]))
+        self._reload_failed = False
+        self.notifier.ready(self.status_line())
 
     # --- the one place inputs meet the session -------------------------------------
 
@@ -364,7 +367,7 @@ class Daemon:
         self._mic_resampler = None
         self._pace_detector()
         self._show_leds()
-        self.notifier.status(self._status_text(s.STATUS[s.State.IDLE]))
+        self._show_status()
 
     def _trace(self, inp: object) -> None:
         """The per-turn timing a person needs to see why a turn felt slow (debug)."""
@@ -436,14 +439,23 @@ class Daemon:
                               EX_SOFTWARE)
             return
         self._show_leds()
-        self.notifier.status(self._status_text(s.STATUS[self.session.state]))
+        self._show_status()
 
-    def _status_text(self, text: str) -> str:
-        """The session's status, unless a device it needs is missing: that comes first."""
-        for what in ("microphone", "speaker"):
-            if what in self.missing:
-                return f"waiting for {what} '{self.missing[what]}'"
-        return text
+    def status_line(self) -> str:
+        """The unit's STATUS= line, and the control socket's `status`: a missing device
+        first, else an announcement that plays, else the session's state; then
+        " (muted)"; then a failed reload, said until a reload succeeds."""
+        doing = next((f"waiting for {what} '{self.missing[what]}'"
+                      for what in ("microphone", "speaker") if what in self.missing), "")
+        if not doing and self.announcer.speaking and self.session.state is s.State.IDLE:
+            doing = "announcing"
+        line = s.status_text(self.session.state, self.session.muted, doing)
+        if self._reload_failed:
+            line += "; config reload failed, old config kept"
+        return line
+
+    def _show_status(self) -> None:
+        self.notifier.status(self.status_line())
 
     def _show_leds(self, state: str | None = None) -> None:
         if self.missing:
@@ -678,7 +690,9 @@ class Daemon:
         self._show_leds(a.state)
 
     def _status(self, a: s.SetStatus) -> None:
-        self.notifier.status(self._status_text(a.text))
+        # a.text is the session's part of the line; status_line() adds what only the
+        # daemon knows (devices, announcements, a failed reload) around the same state.
+        self._show_status()
 
     # --- housekeeping ----------------------------------------------------------------
 
@@ -711,8 +725,7 @@ class Daemon:
     def announcing(self, on: bool) -> None:
         """An announcement started or stopped making sound: the LEDs and status say so."""
         self._show_leds()
-        self.notifier.status(self._status_text(
-            "announcing" if on else s.status_text(self.session.state, self.session.muted)))
+        self._show_status()
 
     def press(self, button: str) -> None:
         """A button pressed from elsewhere (the control socket), as if on the GPIO."""
@@ -764,8 +777,7 @@ class Daemon:
         c = self.config
         return {
             "version": __version__, "pid": os.getpid(), "state": self.session.state.value,
-            "status": self._status_text(s.status_text(self.session.state,
-                                                      self.session.muted)),
+            "status": self.status_line(),
             "muted": self.session.muted, **self.stats.as_dict(),
             "wake_word": {"models": [{"name": m.name, "threshold": m.threshold}
                                      for m in (self.detector.classifiers if self.detector

@@ -7,6 +7,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,21 @@ class NotifySocket:
                 raise TimeoutError(f"no {field}={value or '*'} within {timeout}s; got {seen}")
             if field in msg.fields and value in (None, msg.fields[field]):
                 return msg
+
+    def wait_until(self, field: str, accept: Callable[[str], bool], since: int = 0,
+                   timeout: float = 20) -> Message:
+        """The first message from index `since` on whose `field` `accept`s; meanwhile the
+        ones that do not are kept in `messages` for the test to look at."""
+        deadline = time.monotonic() + timeout
+        seen = since
+        while True:
+            for msg in self.messages[seen:]:
+                if field in msg.fields and accept(msg.fields[field]):
+                    return msg
+            seen = len(self.messages)
+            if self._recv(deadline - time.monotonic()) is None:
+                got = [m.fields.get(field) for m in self.messages[since:]]
+                raise TimeoutError(f"no {field}= as wanted within {timeout}s; got {got}")
 
     def collect(self, field: str, count: int, timeout: float = 20) -> list[Message]:
         """Wait until `count` messages carrying `field` have arrived; return them all."""

@@ -117,7 +117,8 @@ class TestSignals:
         d.notify.wait_for("READY", "1")
         path = write_config(DEVICES + "[wake_word]\ntreshold = 0.3\n")
         d.proc.send_signal(signal.SIGHUP)
-        d.notify.wait_for("STATUS", "idle (config reload failed, old config kept)")
+        d.notify.wait_for("STATUS", "idle: listening for the wake word; config reload "
+                          "failed, old config kept")
         assert d.proc.poll() is None
         assert (f"config reload failed, keeping the running config: {path}: "
                 "wake_word.treshold: unknown key (did you mean 'threshold'?)") in d.stderr
