@@ -82,5 +82,12 @@ class NotifySocket:
                 raise TimeoutError(f"fewer than {count} {field} messages within {timeout}s")
         return [m for m in self.messages if field in m.fields]
 
+    def listen(self, seconds: float) -> list[Message]:
+        """Receive for `seconds`; every message so far."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._recv(left)
+        return self.messages
+
     def close(self) -> None:
         self.sock.close()
