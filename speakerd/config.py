@@ -170,7 +170,7 @@ class LogConfig:
     level: str = _opt("info", "journal verbosity",
                       choices=("debug", "info", "warning", "error"))
     transcripts: bool = _opt(False, "log what was heard and said (private: off by default)")
-    transcription_model: str = _opt("gpt-4o-mini-transcribe", "the realtime service's model "
+    transcription_model: str = _opt("gpt-transcribe", "the realtime service's model "
                                     "that transcribes the user's turns (transcripts only)")
 
 

@@ -42,6 +42,10 @@ from speakerd.wakeword import Detection, Detector
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0  # seconds an answer may still play after SIGTERM
+# Seconds the start waits for each device's first open before going on without it.
+# Opens take tens of ms; one that takes longer (a sound server slow to answer, a
+# busy device) is waited for in its thread while speakerd runs.
+OPEN_WAIT = 1.0
 
 
 def build_tools(c: configmod.Config, volume: volmod.Volume,
@@ -119,6 +123,11 @@ class Daemon:
         self._exit_code = 0
         # Devices that are not there (yet): "microphone"/"speaker" -> ALSA name.
         self.missing: dict[str, str] = {}
+        # Devices whose thread has not yet said how its first open went.
+        self._opening: dict[str, asyncio.Future[None]] = {}
+        self._open_began = 0.0
+        self._started = False  # the start's wait for the devices is over
+        self._reload_failed = False  # the file on disk is not the config that runs
         self._idle = asyncio.Event()  # set whenever the session comes to rest
         self._turn: dict[str, float] = {}  # timings of the current turn, for the debug log
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -157,13 +166,8 @@ class Daemon:
 
     # --- life ---------------------------------------------------------------------
 
-    def open_devices(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Load the models (ConfigError) and open the audio devices.
-
-        A device that is not there yet (a USB mic not plugged in, a HAT driver not
-        loaded) does not stop the start: it is named in the log and the status, and
-        its thread keeps trying it until it appears.
-        """
+    def make_devices(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Load the models (ConfigError) and set up the audio devices' threads."""
         c = self.config
         self.detector = Detector.from_config(c.wake_word, c.path)
         self.detector.warm_up()  # 8 s of feature warm-up now, not on the first word
@@ -177,30 +181,44 @@ class Daemon:
             on_status=lambda e: self._device("microphone", e),
             in_thread=self.detector.process, on_result=self._detected)
         self._configure_echo()
-        for what, name, try_open in (("speaker", c.audio.playback_device, self.playback.check),
-                                     ("microphone", c.audio.capture_device, self.capture.open)):
-            try:
-                try_open()
-            except UnavailableError as e:
-                self.missing[what] = name
-                log.error("%s; speakerd starts anyway and keeps trying the %s every "
-                          "0.5-10 s", e, what, extra=logmod.fields(event=f"{what}_missing"))
+
+    async def open_devices(self) -> None:
+        """Open the audio devices, each in its own thread, waiting at most OPEN_WAIT.
+
+        A device that is not there yet (a USB mic not plugged in, a HAT driver not
+        loaded) or slow to open does not stop the start: it is named in the log and
+        the status, and its thread keeps at it until it opens. The loop never opens
+        a device itself: pyalsaaudio holds the GIL through the open.
+        """
+        assert self.capture and self.playback
+        loop = asyncio.get_running_loop()
+        self._opening = {what: loop.create_future() for what in ("speaker", "microphone")}
+        self._open_began = time.monotonic()
+        self.playback.start_opening()
+        self.capture.start_opening()
+        await asyncio.wait(list(self._opening.values()), timeout=OPEN_WAIT)
+        self._started = True
+        for what in self._opening:
+            name = (self.capture if what == "microphone" else self.playback).device
+            self.missing[what] = name
+            log.warning("%s %s has not opened in %.0f s; speakerd starts anyway and uses "
+                        "it once it opens", what, name, OPEN_WAIT,
+                        extra=logmod.fields(event=f"{what}_slow"))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.stats.watch_errors(self.redact.redact)
-        self.open_devices(loop)
+        self.make_devices(loop)
         assert self.capture and self.playback
         for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, why)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        self.playback.start(missing="speaker" in self.missing)
-        self.capture.start(missing="microphone" in self.missing)
+        if self.notifier.watchdog_interval:
+            self._spawn(self._watchdog(), "watchdog")
+        await self.open_devices()
         self.buttons = Buttons(self.config.buttons, loop=loop, on_input=self._button,
                                pin_factory=self.pin_factory)
         self._show_leds()
-        if self.notifier.watchdog_interval:
-            self._spawn(self._watchdog(), "watchdog")
         self._spawn(timermod.run(self.timers, self.ringer, self._timers_changed), "timers")
         self._update_mcp()
         worker = self._spawn(self._work(), "session")
@@ -208,7 +226,7 @@ class Daemon:
         self._log_startup()
         # In the background, after the start line: a few espeak-ng runs, ~0.1 s here.
         self._spawn(self.phrases.render(), "phrases")
-        self.notifier.ready(self._status_text(s.status_text(s.State.IDLE, self.session.muted)))
+        self.notifier.ready(self.status_line())
         try:
             await self._stop.wait()
             await self._wind_down()
@@ -282,7 +300,8 @@ class Daemon:
             key = configmod.resolve_api_key(new)
         except ConfigError as e:
             log.error("config reload failed, keeping the running config: %s", e)
-            self.notifier.ready("idle (config reload failed, old config kept)")
+            self._reload_failed = True
+            self.notifier.ready(self.status_line())
             return
         if key:
             self.redact.add(key.reveal())
@@ -300,7 +319,8 @@ class Daemon:
             self.playback.volume = new.audio.playback_volume
         logmod.set_level(new.log.level)
         log.info("config reloaded from %s", path)
-        self.notifier.ready(self._status_text(s.STATUS[self.session.state]))
+        self._reload_failed = False
+        self.notifier.ready(self.status_line())
 
     # --- the one place inputs meet the session -------------------------------------
 
@@ -364,7 +384,7 @@ class Daemon:
         self._mic_resampler = None
         self._pace_detector()
         self._show_leds()
-        self.notifier.status(self._status_text(s.STATUS[s.State.IDLE]))
+        self._show_status()
 
     def _trace(self, inp: object) -> None:
         """The per-turn timing a person needs to see why a turn felt slow (debug)."""
@@ -427,23 +447,47 @@ class Daemon:
             self.put(s.VoiceHeard())
 
     def _device(self, what: str, event: object) -> None:
-        if isinstance(event, devmod.DeviceLost):
+        opening = self._opening.pop(what, None)  # this is the first word of its thread
+        if opening is not None:
+            opening.set_result(None)
+        if isinstance(event, devmod.DeviceOpened):
+            if what in self.missing:  # the start went on without it
+                log.info("%s %s is there now: its open took %.1f s", what, event.device,
+                         time.monotonic() - self._open_began)
+            self.missing.pop(what, None)
+        elif isinstance(event, devmod.DeviceLost):
             self.missing[what] = event.device
+            if opening is not None:
+                log.error("%s; speakerd starts anyway and keeps trying the %s every "
+                          "0.5-10 s", event.error, what,
+                          extra=logmod.fields(event=f"{what}_missing"))
         elif isinstance(event, devmod.DeviceBack):
             self.missing.pop(what, None)
         elif isinstance(event, devmod.ThreadFailed):
             self.request_stop(f"the failure of the {what} thread ({event.error})",
                               EX_SOFTWARE)
             return
-        self._show_leds()
-        self.notifier.status(self._status_text(s.STATUS[self.session.state]))
+        # Before that, READY=1 says it: the device that answered first must not show
+        # "idle" while the other one has not said yet whether it is there.
+        if self._started:
+            self._show_leds()
+            self._show_status()
 
-    def _status_text(self, text: str) -> str:
-        """The session's status, unless a device it needs is missing: that comes first."""
-        for what in ("microphone", "speaker"):
-            if what in self.missing:
-                return f"waiting for {what} '{self.missing[what]}'"
-        return text
+    def status_line(self) -> str:
+        """The unit's STATUS= line, and the control socket's `status`: a missing device
+        first, else an announcement that plays, else the session's state; then
+        " (muted)"; then a failed reload, said until a reload succeeds."""
+        doing = next((f"waiting for {what} '{self.missing[what]}'"
+                      for what in ("microphone", "speaker") if what in self.missing), "")
+        if not doing and self.announcer.speaking and self.session.state is s.State.IDLE:
+            doing = "announcing"
+        line = s.status_text(self.session.state, self.session.muted, doing)
+        if self._reload_failed:
+            line += "; config reload failed, old config kept"
+        return line
+
+    def _show_status(self) -> None:
+        self.notifier.status(self.status_line())
 
     def _show_leds(self, state: str | None = None) -> None:
         if self.missing:
@@ -673,7 +717,9 @@ class Daemon:
         self._show_leds(a.state)
 
     def _status(self, a: s.SetStatus) -> None:
-        self.notifier.status(self._status_text(a.text))
+        # a.text is the session's part of the line; status_line() adds what only the
+        # daemon knows (devices, announcements, a failed reload) around the same state.
+        self._show_status()
 
     # --- housekeeping ----------------------------------------------------------------
 
@@ -706,8 +752,7 @@ class Daemon:
     def announcing(self, on: bool) -> None:
         """An announcement started or stopped making sound: the LEDs and status say so."""
         self._show_leds()
-        self.notifier.status(self._status_text(
-            "announcing" if on else s.status_text(self.session.state, self.session.muted)))
+        self._show_status()
 
     def press(self, button: str) -> None:
         """A button pressed from elsewhere (the control socket), as if on the GPIO."""
@@ -759,8 +804,7 @@ class Daemon:
         c = self.config
         return {
             "version": __version__, "pid": os.getpid(), "state": self.session.state.value,
-            "status": self._status_text(s.status_text(self.session.state,
-                                                      self.session.muted)),
+            "status": self.status_line(),
             "muted": self.session.muted, **self.stats.as_dict(),
             "wake_word": {"models": [{"name": m.name, "threshold": m.threshold}
                                      for m in (self.detector.classifiers if self.detector

@@ -770,7 +770,8 @@ class Session:
             self._request_end("muted")
         elif self.state is State.IDLE:
             self._emit(SetLeds("muted" if self.muted else "idle"))
-            self._emit(SetStatus(status_text(State.IDLE, self.muted)))
+        # Mid-answer the end waits for the drain: the status must not wait with it.
+        self._emit(SetStatus(status_text(self.state, self.muted)))
 
     def _button(self, inp: ButtonPressed) -> None:
         """Buttons mean different things by state; this routes them."""
@@ -802,9 +803,10 @@ STATUS = {
 }
 
 
-def status_text(state: State, muted: bool) -> str:
-    """The unit's STATUS= line for a state."""
-    return STATUS[state] + (" (muted)" if muted else "")
+def status_text(state: State, muted: bool, doing: str = "") -> str:
+    """The unit's STATUS= line for a state, or for `doing` when something else (a
+    missing device, an announcement) says more about the speaker than the state."""
+    return (doing or STATUS[state]) + (" (muted)" if muted else "")
 
 
 def _what(inp: object) -> str:

@@ -7,6 +7,7 @@ import select
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,21 @@ class NotifySocket:
             if field in msg.fields and value in (None, msg.fields[field]):
                 return msg
 
+    def wait_until(self, field: str, accept: Callable[[str], bool], since: int = 0,
+                   timeout: float = 20) -> Message:
+        """The first message from index `since` on whose `field` `accept`s; meanwhile the
+        ones that do not are kept in `messages` for the test to look at."""
+        deadline = time.monotonic() + timeout
+        seen = since
+        while True:
+            for msg in self.messages[seen:]:
+                if field in msg.fields and accept(msg.fields[field]):
+                    return msg
+            seen = len(self.messages)
+            if self._recv(deadline - time.monotonic()) is None:
+                got = [m.fields.get(field) for m in self.messages[since:]]
+                raise TimeoutError(f"no {field}= as wanted within {timeout}s; got {got}")
+
     def collect(self, field: str, count: int, timeout: float = 20) -> list[Message]:
         """Wait until `count` messages carrying `field` have arrived; return them all."""
         deadline = time.monotonic() + timeout
@@ -65,6 +81,13 @@ class NotifySocket:
             if self._recv(deadline - time.monotonic()) is None:
                 raise TimeoutError(f"fewer than {count} {field} messages within {timeout}s")
         return [m for m in self.messages if field in m.fields]
+
+    def listen(self, seconds: float) -> list[Message]:
+        """Receive for `seconds`; every message so far."""
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            self._recv(left)
+        return self.messages
 
     def close(self) -> None:
         self.sock.close()

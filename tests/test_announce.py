@@ -190,7 +190,7 @@ class TestSpoken:
             st = await spk.status()
             assert st["muted"] is True and st["state"] == "idle"
             assert st["status"] == "idle: listening for the wake word (muted)"
-            await asyncio.to_thread(spk.notify.wait_for, "STATUS", "announcing")
+            await asyncio.to_thread(spk.notify.wait_for, "STATUS", "announcing (muted)")
         assert tone_blocks(spk.heard(), ANNOUNCE_HZ) >= 6
 
     async def test_the_cli_says_it_and_prints_the_result(self, tmp_path, pulse, sockdir):

@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import alsaaudio
@@ -512,6 +513,39 @@ def test_both_audio_threads_retrying_a_missing_device_do_not_deadlock(tmp_path):
     assert r.returncode == 0, r.stderr
     count, first = r.stdout.split(" ", 1)
     assert int(count) == 400 and "broken" in first
+
+
+# Opens the FIFO for writing after a while: another process, so that it comes even
+# when this one is stalled.
+LATE_WRITER = ("import os, sys, time; time.sleep(2); os.open(sys.argv[1], os.O_WRONLY); "
+               "time.sleep(30)")
+
+
+def test_an_open_that_blocks_lets_the_other_threads_run(tmp_path):
+    # alsa-lib's open of a filein PCM on a fresh FIFO waits for a writer, as an open
+    # waits for a sound server slow to answer; pyalsaaudio holds the GIL through it.
+    fifo = tmp_path / "mic.fifo"
+    os.mkfifo(fifo)
+    opened = threading.Event()
+
+    def open_it() -> None:
+        pcm, _ = device.negotiate(alsaaudio.PCM_CAPTURE, f"filein:FILE={fifo}",
+                                  cap.PREFERRED, cap.PERIOD_MS)
+        opened.set()
+        pcm.close()
+    writer = subprocess.Popen([sys.executable, "-c", LATE_WRITER, str(fifo)])
+    try:
+        threading.Thread(target=open_it, daemon=True).start()
+        ticks = 0
+        deadline = time.monotonic() + 20
+        while not opened.wait(0.01):  # this thread's turns while the other one opens
+            ticks += 1
+            assert time.monotonic() < deadline, "the open never returned"
+    finally:
+        writer.kill()
+        writer.wait()
+    # About 200 in the writer's 2 s; none while the open held every thread.
+    assert ticks >= 50, ticks
 
 
 class TestStreaming:

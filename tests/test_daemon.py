@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 import signal
 import statistics
 import subprocess
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, SPEAKERD, clean_env
+from .conftest import ROOT, SPEAKERD, clean_env, run_speakerd
 from .notify_socket import NotifySocket
 
 KEY = "sk-proj-DAEMONTESTKEY0123456789abcdef"
@@ -117,7 +121,8 @@ class TestSignals:
         d.notify.wait_for("READY", "1")
         path = write_config(DEVICES + "[wake_word]\ntreshold = 0.3\n")
         d.proc.send_signal(signal.SIGHUP)
-        d.notify.wait_for("STATUS", "idle (config reload failed, old config kept)")
+        d.notify.wait_for("STATUS", "idle: listening for the wake word; config reload "
+                          "failed, old config kept")
         assert d.proc.poll() is None
         assert (f"config reload failed, keeping the running config: {path}: "
                 "wake_word.treshold: unknown key (did you mean 'threshold'?)") in d.stderr
@@ -200,3 +205,43 @@ class TestDevices:
         # alsa-lib's own chatter ("ALSA lib pcm.c:...") stays out of the log.
         assert "ALSA lib" not in d.stderr, d.stderr
         assert "Traceback" not in d.stderr
+
+    def test_a_microphone_whose_open_blocks_does_not_hold_up_the_start(
+            self, tmp_path, write_config, pulse):
+        # alsa-lib's open of a filein PCM on a fresh FIFO waits for a writer: a device
+        # that is slow to answer, for as long as the test likes.
+        fifo = tmp_path / "mic.fifo"
+        os.mkfifo(fifo)
+        mic = f"filein:FILE={fifo}"
+        path = write_config(f'[audio]\ncapture_device = "{mic}"\nplayback_device = "spk"\n')
+        sockdir = Path(tempfile.mkdtemp(prefix="speakerd-open-"))
+        sock = str(sockdir / "control")
+        d = Daemon(tmp_path, path, WATCHDOG_USEC="200000", SPEAKERD_CONTROL=sock)
+        writer: list[int] = []
+        try:
+            ready = d.notify.wait_for("READY", "1", timeout=10)
+            assert ready.fields["STATUS"] == f"waiting for microphone '{mic}'"
+            assert "started: config" in d.stderr
+            assert f"microphone {mic} has not opened in 1 s" in d.stderr, d.stderr
+            done = run_speakerd("status", "--control", sock)
+            assert done.returncode == 0, done.stderr
+            assert f"microphone:    {mic} (missing, waiting for it)" in done.stdout
+            # The loop runs on: systemd's watchdog goes on hearing from it.
+            pings = len(d.notify.collect("WATCHDOG", 1))
+            d.notify.collect("WATCHDOG", pings + 5, timeout=10)
+            opener = threading.Thread(target=lambda: writer.append(os.open(fifo, os.O_WRONLY)))
+            opener.start()  # the microphone is plugged in
+            opener.join(10)
+            assert writer, "nothing opened the FIFO for reading"
+            d.notify.wait_for("STATUS", "idle: listening for the wake word", timeout=20)
+            assert f"microphone {mic} is there now" in d.stderr
+            os.close(writer.pop())  # EOF: the PCM reads zeros from here on, and returns
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.proc.wait(timeout=10) == 0
+        finally:
+            d.stop()
+            for fd in writer:
+                os.close(fd)
+            shutil.rmtree(sockdir, ignore_errors=True)
+        assert "Traceback" not in d.stderr
+        assert "did not stop" not in d.stderr

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import inspect
 import json
+import re
 import typing
 
 import pytest
@@ -13,12 +15,21 @@ from hypothesis import strategies as st
 from openai.types import realtime as rt
 from pydantic import TypeAdapter
 
+from speakerd import config as configmod
 from speakerd.realtime import protocol as p
 from speakerd.realtime.protocol import Severity
 
 CLIENT = TypeAdapter(rt.RealtimeClientEvent)
 GA_SERVER_TYPES = {m.model_fields["type"].annotation.__args__[0]
                    for m in typing.get_args(typing.get_args(rt.RealtimeServerEvent)[0])}
+
+def deprecated_transcription_models() -> set[str]:
+    """What the installed openai package marks deprecated for a session's input
+    transcription: only the model field's docstring says it ("Deprecated values:")."""
+    source = inspect.getsource(rt.AudioTranscription)
+    block = source.split("Deprecated values:", 1)[1].split('"""', 1)[0]
+    return set(re.findall(r'"([\w.-]+)"', block))
+
 
 BUILT = {
     "session.update": p.session_update(
@@ -83,12 +94,26 @@ class TestBuilders:
     def test_transcripts_ask_for_input_transcription_and_validate(self):
         event = p.session_update(model="m", instructions="", voice="cedar",
                                  turn_detection="server_vad",
-                                 transcription_model="gpt-4o-mini-transcribe")
+                                 transcription_model="gpt-transcribe")
         model = CLIENT.validate_python(event)
-        assert model.session.audio.input.transcription.model == "gpt-4o-mini-transcribe"
+        assert model.session.audio.input.transcription.model == "gpt-transcribe"
         plain = p.session_update(model="m", instructions="", voice="cedar",
                                  turn_detection="server_vad")
         assert "transcription" not in plain["session"]["audio"]["input"]
+
+    def test_the_default_transcription_model_is_one_openai_names_and_not_deprecated(self):
+        default = configmod.LogConfig().transcription_model
+        named = next(typing.get_args(a) for a in typing.get_args(
+            rt.AudioTranscription.model_fields["model"].annotation)
+            if typing.get_origin(a) is typing.Literal)
+        assert default in named
+        deprecated = deprecated_transcription_models()
+        assert "gpt-4o-mini-transcribe" in deprecated  # the list was found and read
+        assert default not in deprecated, deprecated
+        event = p.session_update(model="m", instructions="", voice="cedar",
+                                 turn_detection="semantic_vad", transcription_model=default)
+        model = CLIENT.validate_python(event)
+        assert model.session.audio.input.transcription.model == default
 
     def test_audio_is_base64_of_the_bytes(self):
         pcm = bytes(range(256)) * 4

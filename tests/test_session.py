@@ -593,6 +593,14 @@ class TestMute:
         assert out[-1] == ("SetLeds", "muted")
         assert c.s.state is State.IDLE
 
+    def test_mute_or_unmute_mid_answer_is_in_the_status_at_once(self):
+        c = Conv()
+        c.playing("r1", 1000)
+        state = c.s.state
+        assert s.SetStatus(s.status_text(state, True)) in c.s.handle(s.ButtonPressed("mute"))
+        assert c.s.state is state  # the end waits for the drain; the status does not
+        assert s.SetStatus(s.status_text(state, False)) in c.s.handle(s.ButtonPressed("mute"))
+
 
 class TestConnectFailures:
     def test_unreachable_service_is_an_error_then_idle(self):

@@ -128,7 +128,7 @@ async def test_the_journal_shows_what_was_heard_and_said_turn_by_turn(
     server, entries = await converse(tmp_path, prerequisites, transcripts=True, late=late)
     update = server.of_type("session.update")[0].event
     assert update["session"]["audio"]["input"]["transcription"] == {
-        "model": "gpt-4o-mini-transcribe"}
+        "model": "gpt-transcribe"}
     turns = [e["type"] for e in server.sent].count("input_audio_buffer.committed")
     assert turns == 2, "the fixture VAD split a turn; the expected lines below assume two"
     lines = transcript_lines(entries)

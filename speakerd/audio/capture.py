@@ -16,6 +16,7 @@ from speakerd.audio import resample
 from speakerd.audio.device import (
     DeviceBack,
     DeviceLost,
+    DeviceOpened,
     ThreadFailed,
     describe_missing,
     negotiate,
@@ -88,6 +89,7 @@ class Capture:
         self._thread: threading.Thread | None = None
         self._pcm: alsaaudio.PCM | None = None
         self._retry = (retry_first, retry_cap)
+        self._first = False  # start_opening(): the thread reports its first open
         self.frames = 0  # frames read, and the index of the next one
         self.dropped = 0
         self.overruns = 0
@@ -100,6 +102,10 @@ class Capture:
                                             PERIOD_MS)
         except alsaaudio.ALSAAudioError as e:
             raise describe_missing(self.device, e, alsaaudio.PCM_CAPTURE) from None
+        self._say_open()
+
+    def _say_open(self) -> None:
+        assert self.got
         log.info("microphone %s open at %d Hz, %d channel(s), %s", self.device,
                  self.got.rate, self.got.channels, self.got.format)
 
@@ -110,10 +116,22 @@ class Capture:
         self._thread = threading.Thread(target=self._run, name="capture", daemon=True)
         self._thread.start()
 
+    def start_opening(self) -> None:
+        """Start the thread, which opens the device itself: an open that takes long
+        holds up only this thread. `on_status` then gets DeviceOpened, or DeviceLost
+        (a one-line error naming the PCMs alsa-lib knows) and, once it opens,
+        DeviceBack."""
+        self._first = True
+        self.start(missing=True)
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                log.warning("the microphone thread did not stop within 5 s (alsa-lib has "
+                            "not returned from opening or reading %s); leaving it behind",
+                            self.device)
 
     def stream(self, on: bool, after_frame: int = -1) -> list[bytes]:
         """Start or stop handing frames to on_frame; starting returns the pre-roll.
@@ -142,19 +160,27 @@ class Capture:
         while not self._stop.is_set():
             if pcm is None:
                 seen = self.got is not None
+                first, self._first = self._first, False
                 try:
                     pcm, self.got = negotiate(alsaaudio.PCM_CAPTURE, self.device, self.want,
                                               PERIOD_MS)
-                except alsaaudio.ALSAAudioError:
+                except alsaaudio.ALSAAudioError as e:
+                    if first:
+                        self._hand_status(DeviceLost(self.device, str(describe_missing(
+                            self.device, e, alsaaudio.PCM_CAPTURE))))
                     self._stop.wait(delay)
                     delay = min(delay * 2, self._retry[1])
                     continue
-                self.reopens += 1
                 delay = self._retry[0]
-                log.info("microphone %s is %s: %d Hz, %d channel(s), %s", self.device,
-                         "back" if seen else "there now", self.got.rate, self.got.channels,
-                         self.got.format)
-                self._hand_status(DeviceBack(self.device))
+                if first:
+                    self._say_open()
+                    self._hand_status(DeviceOpened(self.device, self.got))
+                else:
+                    self.reopens += 1
+                    log.info("microphone %s is %s: %d Hz, %d channel(s), %s", self.device,
+                             "back" if seen else "there now", self.got.rate,
+                             self.got.channels, self.got.format)
+                    self._hand_status(DeviceBack(self.device))
             try:
                 self._read_until_error(pcm)
             except alsaaudio.ALSAAudioError as e:

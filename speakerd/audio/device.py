@@ -21,8 +21,17 @@ log = logging.getLogger(__name__)
 # whole open. Two threads opening at once could deadlock: one inside alsa-lib's lock
 # waiting for the GIL in the handler, the other holding the GIL waiting for that lock,
 # which wedged the whole daemon (seen: both threads retrying a missing 'default').
-# Every call into alsa-lib's configuration goes through this lock first.
+# Every call into alsa-lib's configuration goes through this lock first, the ctypes
+# probe in _wait_until_openable too: it lets go of the GIL, not of alsa-lib's lock.
 _OPEN = threading.RLock()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceOpened:
+    """A thread's first open of its device (`start_opening()`) succeeded."""
+
+    device: str
+    got: DeviceFormat
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,9 +71,29 @@ def negotiate(kind: int, device: str, want: DeviceFormat, period_ms: int
     """Open with `want`, else with what the device offers; return the PCM and what it got.
 
     alsa-lib may settle on a nearby rate or channel count; info() says what it did.
+    Blocks for as long as the device's open does, without holding the GIL meanwhile.
     """
     with _OPEN:
+        _wait_until_openable(kind, device)
         return _negotiate(kind, device, want, period_ms)
+
+
+def _wait_until_openable(kind: int, device: str) -> None:
+    """Open and close `device` through ctypes, which releases the GIL in the call.
+
+    pyalsaaudio holds the GIL through snd_pcm_open, so an open that blocks (a sound
+    server slow to answer, a busy hw device, a FIFO with no writer yet) would stop
+    every thread of the process, the event loop and its watchdog pings included.
+    Once this returns the device has answered and pyalsaaudio's open is quick; if it
+    failed, pyalsaaudio's open fails too and says why in its own words.
+    """
+    lib = _libasound()
+    if lib is None:
+        return
+    handle = ctypes.c_void_p()
+    stream = _CAPTURE if kind == alsaaudio.PCM_CAPTURE else _PLAYBACK
+    if lib.snd_pcm_open(ctypes.byref(handle), device.encode(), stream, 0) == 0:
+        lib.snd_pcm_close(handle)
 
 
 def _negotiate(kind: int, device: str, want: DeviceFormat, period_ms: int
@@ -135,6 +164,31 @@ def _alsa_said(file: bytes | None, line: int, function: bytes | None, err: int,
 _handler = _HANDLER_TYPE(_alsa_said)  # kept alive for as long as alsa-lib may call it
 
 
+_CAPTURE, _PLAYBACK = 1, 0  # snd_pcm_stream_t
+_lib: ctypes.CDLL | None = None
+_lib_tried = False
+
+
+def _libasound() -> ctypes.CDLL | None:
+    """alsa-lib itself, the copy pyalsaaudio uses (None if ctypes cannot load it)."""
+    global _lib, _lib_tried
+    if not _lib_tried:
+        _lib_tried = True
+        name = ctypes.util.find_library("asound") or "libasound.so.2"
+        try:
+            lib = ctypes.CDLL(name)
+            lib.snd_lib_error_set_handler.argtypes = [_HANDLER_TYPE]
+            lib.snd_pcm_open.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p,
+                                         ctypes.c_int, ctypes.c_int]
+            lib.snd_pcm_close.argtypes = [ctypes.c_void_p]
+            _lib = lib
+        except (OSError, AttributeError) as e:
+            log.warning("cannot load alsa-lib through ctypes (%s): alsa-lib's own "
+                        "messages stay on stderr, and a device slow to open stalls "
+                        "speakerd while it opens", e)
+    return _lib
+
+
 def quiet_alsa_lib() -> bool:
     """Send alsa-lib's own error messages to the debug log instead of stderr.
 
@@ -142,11 +196,5 @@ def quiet_alsa_lib() -> bool:
     its own before speakerd's one-line error says the same thing in words; a
     device that is retried would fill the journal with them. True if installed.
     """
-    name = ctypes.util.find_library("asound") or "libasound.so.2"
-    try:
-        lib = ctypes.CDLL(name)
-        lib.snd_lib_error_set_handler.argtypes = [_HANDLER_TYPE]
-        return lib.snd_lib_error_set_handler(_handler) == 0
-    except (OSError, AttributeError) as e:
-        log.debug("alsa-lib's error messages stay on stderr: %s", e)
-        return False
+    lib = _libasound()
+    return lib is not None and lib.snd_lib_error_set_handler(_handler) == 0

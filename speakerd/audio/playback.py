@@ -19,11 +19,13 @@ from speakerd.audio import resample
 from speakerd.audio.device import (
     DeviceBack,
     DeviceLost,
+    DeviceOpened,
     ThreadFailed,
     describe_missing,
     negotiate,
 )
 from speakerd.audio.resample import DeviceFormat
+from speakerd.errors import UnavailableError
 from speakerd.threads import name_os_thread
 
 log = logging.getLogger(__name__)
@@ -133,14 +135,27 @@ class Playback:
 
     def start(self, missing: bool = False) -> None:
         """Start the thread; `missing`: check() failed, so keep trying the device."""
-        self._thread = threading.Thread(target=self._run, args=(missing,), name="playback",
-                                        daemon=True)
+        self._start(missing, first=False)
+
+    def start_opening(self) -> None:
+        """Start the thread, which runs check() itself: an open that takes long holds
+        up only this thread. `on_status` then gets DeviceOpened, or DeviceLost (a
+        one-line error naming the PCMs alsa-lib knows) and, once it opens, DeviceBack."""
+        self._start(False, first=True)
+
+    def _start(self, missing: bool, first: bool) -> None:
+        self._thread = threading.Thread(target=self._run, args=(missing, first),
+                                        name="playback", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._put("stop")
         if self._thread:
             self._thread.join(timeout=5)
+            if self._thread.is_alive():
+                log.warning("the speaker thread did not stop within 5 s (alsa-lib has not "
+                            "returned from opening or writing %s); leaving it behind",
+                            self.device)
 
     def enqueue(self, pcm: bytes, response_id: str) -> None:
         self._put("audio", response_id, pcm)
@@ -165,17 +180,19 @@ class Playback:
 
     # --- the playback thread --------------------------------------------------------
 
-    def _run(self, missing: bool) -> None:
+    def _run(self, missing: bool, first: bool) -> None:
         name_os_thread()
         try:
-            self._play(missing)
+            self._play(missing, first)
         except BaseException as e:
             # Answers would queue up unheard and never drain: say so, loudly.
             log.critical("the speaker thread failed", exc_info=True)
             self._loop.call_soon_threadsafe(self._on_status, ThreadFailed("playback", repr(e)))
 
-    def _play(self, missing: bool) -> None:
+    def _play(self, missing: bool, first: bool) -> None:
         s = _State()
+        if first:
+            missing = not self._check_first()
         if missing:
             self._retry_later(s)
         seen_generation = 0
@@ -208,6 +225,17 @@ class Playback:
                           now - s.last_active)
             if s.retry_at is not None and now >= s.retry_at and s.pcm is None:
                 self._probe(s)
+
+    def _check_first(self) -> bool:
+        """start_opening()'s check, in this thread; False if the device is missing."""
+        try:
+            self.check()
+        except UnavailableError as e:
+            self._loop.call_soon_threadsafe(self._on_status, DeviceLost(self.device, str(e)))
+            return False
+        assert self.got
+        self._loop.call_soon_threadsafe(self._on_status, DeviceOpened(self.device, self.got))
+        return True
 
     def _wait_time(self, s: _State) -> float | None:
         """How long to wait for a command: not at all while there is audio to write."""
