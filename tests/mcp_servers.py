@@ -15,6 +15,13 @@ transport instead, at Home Assistant's /mcp_server/sse and /mcp_server/messages/
 
 Run as a script (`python tests/mcp_servers.py stdio RECORD`), it is a stdio server
 with one tool, `get_weather`; it appends its pid, then each call, as JSON lines to RECORD.
+`python tests/mcp_servers.py sdk RECORD` is a stdio server written as the `mcp` SDK's
+own documentation writes one (`MCPServer` and its `@tool()` decorator on typed Python
+functions), with Home-Assistant-like tools whose schemas the SDK derives: optional
+arguments (`anyOf` with null), a nested model (`$defs`/`$ref`), a recursive one.
+
+`realtime_refuses(parameters)` says what the Realtime API would refuse in function
+parameters.
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ import os
 import socket
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from mcp import types
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
+from pydantic import BaseModel, Field
 
 OFF_ON = "Turns {} a device or entity"
 HASS_ARGS = {"type": "object", "properties": {
@@ -201,6 +209,99 @@ def stdio_main(record: str) -> None:
     anyio.run(main)
 
 
+class Color(BaseModel):
+    """A colour as red, green and blue."""
+
+    red: Annotated[int, Field(ge=0, le=255)]
+    green: Annotated[int, Field(ge=0, le=255)]
+    blue: Annotated[int, Field(ge=0, le=255)]
+
+
+class Step(BaseModel):
+    action: str
+    then: list[Step] = []
+
+
+def sdk_main(record: str) -> None:
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer("hass-sdk-fixture")
+
+    def recorded(tool: str, **arguments: Any) -> str:
+        with open(record, "a") as f:
+            f.write(json.dumps({"name": tool, "arguments": arguments}) + "\n")
+        return json.dumps({"response_type": "action_done", "data": {
+            "success": [{"name": arguments.get("name", ""), "type": "entity"}]}})
+
+    @server.tool()
+    def HassTurnOff(name: str = "", area: str = "", domain: list[str] | None = None) -> str:
+        """Turns off a device or entity"""
+        return recorded("HassTurnOff", name=name, area=area, domain=domain)
+
+    @server.tool()
+    def HassLightSet(name: str = "", brightness: Annotated[int, Field(ge=0, le=100)]
+                     | None = None, color: Color | None = None) -> str:
+        """Sets the brightness or colour of a light"""
+        return recorded("HassLightSet", name=name, brightness=brightness,
+                        color=color.model_dump() if color else None)
+
+    @server.tool()
+    def HassRunScript(steps: list[Step]) -> str:
+        """Runs steps, each of which may have steps of its own"""
+        return recorded("HassRunScript", steps=[s.model_dump() for s in steps])
+
+    @server.tool()
+    def GetLiveContext() -> str:
+        """Provides real-time information about the CURRENT state of devices."""
+        return "Live Context: kitchen lights: on"
+
+    server.run("stdio")
+
+
+# --- what the Realtime API takes ------------------------------------------------------
+
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def realtime_refuses(parameters: Any, where: str = "") -> list[str]:
+    """What the Realtime API refuses in a function tool's `parameters`, answering
+    `invalid_function_parameters` for the whole session.update, as its own messages
+    word it: "schema must have type 'object' and not have 'oneOf'/'anyOf'/'allOf'/
+    'enum'/'not' at the top level", "array schema missing items", "object schema
+    missing properties"; and what speakerd promises on top: no `$ref` left (it writes
+    them out), only JSON-schema type names."""
+    out: list[str] = []
+    if not isinstance(parameters, dict):
+        return out
+    kinds = parameters.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    if not where:
+        if parameters.get("type") != "object":
+            out.append("the top level is not type object")
+        out += [f"{k} at the top level" for k in ("oneOf", "anyOf", "allOf", "enum", "not",
+                                                   "const") if k in parameters]
+    here = where or "parameters"
+    if "array" in kinds and "items" not in parameters:
+        out.append(f"{here}: array schema missing items")
+    if "object" in kinds and "properties" not in parameters:
+        out.append(f"{here}: object schema missing properties")
+    out += [f"{here}: {k}" for k in ("$ref", "$defs", "definitions") if k in parameters]
+    out += [f"{here}: type {k!r}" for k in kinds if k not in (
+        "string", "number", "integer", "boolean", "object", "array", "null")]
+    for key, value in parameters.items():
+        if key in ("properties", "patternProperties") and isinstance(value, dict):
+            for name, sub in value.items():
+                out += realtime_refuses(sub, f"{here}.{name}")
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems") and isinstance(value, list):
+            for i, sub in enumerate(value):
+                out += realtime_refuses(sub, f"{here}.{key}[{i}]")
+        elif key in _SUBSCHEMA:
+            out += realtime_refuses(value, f"{here}.{key}")
+    return out
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["stdio"]:
         stdio_main(sys.argv[2])
+    elif sys.argv[1:2] == ["sdk"]:
+        sdk_main(sys.argv[2])

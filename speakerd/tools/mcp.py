@@ -32,7 +32,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 
 from speakerd import config as configmod
-from speakerd.tools import _TYPES, NAME_PATTERN, Registry, Tool, ToolFailed
+from speakerd.tools import NAME_PATTERN, Registry, Tool, ToolFailed
+from speakerd.tools.schema import to_parameters
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ BACKOFF = (1.0, 60.0)  # first and longest wait between connection attempts, sec
 # retries at once, after the token file has been fixed.
 AUTH_BACKOFF = 600.0
 PING_INTERVAL = 30.0  # seconds between liveness pings of a connected server
-UNSUPPORTED_KEYS = ("$ref", "$defs", "definitions", "allOf", "not", "if", "then", "else")
 
 
 @dataclass
@@ -58,9 +58,15 @@ class ServerState:
     where: str  # the URL or the command line
     connected: bool = False
     tools: list[str] = field(default_factory=list)  # names as the model sees them
-    skipped: list[str] = field(default_factory=list)  # tools whose schema cannot be offered
+    skipped: dict[str, str] = field(default_factory=dict)  # tool -> why it is not offered
     error: str = ""  # why it is not connected
     failures: int = 0  # failed connections (or lost ones) since start-up
+    schemas: list[dict[str, Any]] = field(default_factory=list, repr=False)  # as offered
+
+    def as_dict(self) -> dict[str, Any]:
+        """As `speakerd status --json` shows it."""
+        return {"name": self.name, "where": self.where, "connected": self.connected,
+                "tools": list(self.tools), "skipped": dict(self.skipped), "error": self.error}
 
 
 def describe(server: configmod.McpServerConfig) -> str:
@@ -77,46 +83,7 @@ def transport_of(server: configmod.McpServerConfig) -> str:
     return "sse" if urlsplit(server.url).path.rstrip("/").endswith("/sse") else "streamable_http"
 
 
-# --- schemas -------------------------------------------------------------------------
-
-def to_parameters(schema: Any) -> dict[str, Any] | str:
-    """An MCP tool's inputSchema as Realtime function parameters, or why it cannot be
-    one: the JSON-schema subset speakerd validates (one type per schema, no references)."""
-    if not isinstance(schema, dict):
-        return "its input schema is not an object"
-    out = copy.deepcopy(schema)
-    for key in ("$schema", "$id", "title"):
-        out.pop(key, None)
-    if out.get("type", "object") != "object":
-        return f"its arguments are of type {out.get('type')!r}, not an object"
-    out["type"] = "object"
-    out.setdefault("properties", {})
-    why = _unsupported(out, "arguments")
-    return why or out
-
-
-def _unsupported(schema: Any, where: str) -> str:
-    if isinstance(schema, list):
-        return next((w for i, s in enumerate(schema) if (w := _unsupported(s, f"{where}[{i}]"))),
-                    "")
-    if not isinstance(schema, dict):
-        return ""
-    for key in UNSUPPORTED_KEYS:
-        if key in schema:
-            return f"{where} uses {key}"
-    kind = schema.get("type")
-    if kind is not None and (not isinstance(kind, str) or kind not in _TYPES):
-        return f"{where} has type {kind!r}"
-    for key, sub in schema.items():
-        if key == "properties" and isinstance(sub, dict):
-            for name, prop in sub.items():
-                if why := _unsupported(prop, f"{where}.{name}"):
-                    return why
-        elif key in ("items", "anyOf", "oneOf", "additionalProperties") and (
-                why := _unsupported(sub, f"{where}.{key}")):
-            return why
-    return ""
-
+# --- tools --------------------------------------------------------------------------
 
 def tool_name(name: str) -> str:
     """An MCP tool name as a Realtime function name may be spelled."""
@@ -281,9 +248,7 @@ class Manager:
 
     def status(self) -> list[dict[str, Any]]:
         """Each server, connected or not, and its tools (`speakerd status`)."""
-        return [{"name": st.name, "where": st.where, "connected": st.connected,
-                 "tools": list(st.tools), "skipped": list(st.skipped), "error": st.error}
-                for st in self.states.values()]
+        return [st.as_dict() for st in self.states.values()]
 
     async def stop(self) -> None:
         tasks = list(self.tasks.values())
@@ -294,8 +259,8 @@ class Manager:
 
     async def wait_connected(self, name: str, timeout: float, *,
                              until_error: bool = False) -> ServerState:
-        """For `config --show` and tests: the state once connected (or, `until_error`,
-        once an attempt has failed), or as it is after `timeout` seconds."""
+        """For `config --show`, `check` and tests: the state once connected (or, with
+        `until_error`, once an attempt has failed), or as it is after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         state = self.states[name]
         while not state.connected and time.monotonic() < deadline \
@@ -336,7 +301,7 @@ class Manager:
                                 server.name, state.where, why,
                                 extra={"SPEAKERD_EVENT": "mcp"})
                 lost = True
-                state.tools = []
+                state.tools, state.schemas = [], []
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff[1])
         finally:
@@ -412,24 +377,25 @@ class Manager:
             if not cursor:
                 break
         tools: list[Tool] = []
-        skipped: list[str] = []
+        skipped: dict[str, str] = {}
         for t in listed:
             if not any(fnmatch.fnmatchcase(t.name, p) for p in server.tools):
                 continue
             params_or_why = to_parameters(t.input_schema)
             if isinstance(params_or_why, str):
-                skipped.append(f"{t.name} ({params_or_why})")
+                skipped[t.name] = params_or_why
+                if state.skipped.get(t.name) != params_or_why:  # once, not at each re-list
+                    log.warning("MCP server %s: tool %s is not offered to the model: %s",
+                                server.name, t.name, params_or_why,
+                                extra={"SPEAKERD_EVENT": "mcp"})
                 continue
             tools.append(Tool(tool_name(t.name), _cut(t.description or t.title or t.name,
                                                      MAX_DESCRIPTION),
                               params_or_why, _caller(conn, t.name),
                               timeout=server.timeout_seconds))
-        if skipped and skipped != state.skipped:
-            log.warning("MCP server %s: tools skipped, their arguments cannot be offered to "
-                        "the model: %s", server.name, "; ".join(skipped),
-                        extra={"SPEAKERD_EVENT": "mcp"})
         state.skipped = skipped
         state.tools = self.registry.set_group(f"mcp:{server.name}", tools, server.name)
+        state.schemas = [self.registry.tools[name].schema() for name in state.tools]
 
 
 def _caller(conn: Connection, mcp_name: str) -> Callable[..., Any]:
