@@ -481,6 +481,18 @@ class TestManager:
             m.update(())
             assert registry.tools == {} and m.tasks == {}
 
+    def test_the_sdk_is_imported_without_its_server_half(self):
+        code = ("import sys\n"
+                "from speakerd.tools import mcp\n"
+                "server = sorted(m for m in sys.modules if m.startswith('mcp.server') or "
+                "m.split('.')[0] in ('starlette', 'uvicorn', 'sse_starlette', 'cryptography',"
+                " 'click', 'python_multipart', 'jsonschema'))\n"
+                "assert not server, server\n"
+                "assert 'mcp.client.session' in sys.modules\n")
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+
     def test_without_mcp_servers_the_sdk_is_never_imported(self):
         code = ("import sys, asyncio\n"
                 "from speakerd import config, daemon, cli\n"

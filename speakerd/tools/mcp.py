@@ -24,15 +24,18 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx2
-from mcp import types as mcp_types
-from mcp.client.session import ClientSession
-from mcp.client.sse import sse_client
-from mcp.client.stdio import StdioServerParameters, stdio_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 
 from speakerd import config as configmod
 from speakerd.tools import NAME_PATTERN, Registry, Tool, ToolFailed
+from speakerd.tools.mcp_sdk import (
+    ClientSession,
+    StdioServerParameters,
+    create_mcp_http_client,
+    sse_client,
+    stdio_client,
+    streamable_http_client,
+)
+from speakerd.tools.mcp_sdk import types as mcp_types
 from speakerd.tools.schema import to_parameters
 
 log = logging.getLogger(__name__)
