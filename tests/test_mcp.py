@@ -162,6 +162,27 @@ class TestSchemas:
         assert mcpmod.tool_name("lights.turn on") == "lights_turn_on"
 
 
+class Resumes:
+    """Awaits `coro`, counting each time the loop resumes it after it waited."""
+
+    def __init__(self, coro) -> None:
+        self.coro = coro
+        self.count = 0
+
+    def __await__(self):
+        send, value = self.coro.send, None
+        while True:
+            try:
+                future = send(value)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                value, send = (yield future), self.coro.send
+            except BaseException as e:  # cancellation: handed on to the coroutine
+                value, send = e, self.coro.throw
+            self.count += 1
+
+
 @pytest.fixture
 async def manager():
     made: list[mcpmod.Manager] = []
@@ -264,6 +285,22 @@ class TestManager:
         assert state.error == (f"HTTP 404 from {url}: check mcp[0].url (Home Assistant: "
                                "http://HOST:8123/api/mcp, with the MCP Server integration "
                                "added)")
+
+    async def test_waiting_for_a_connection_wakes_only_when_its_state_changes(
+            self, tmp_path, manager):
+        port = free_port()
+        m = manager(server_config(f"http://127.0.0.1:{port}/api/mcp", tmp_path))
+        waiter = Resumes(m.wait_connected("home", 60))
+        waited = asyncio.ensure_future(waiter)
+        state = m.states["home"]
+        await until(lambda: state.failures >= 3)  # 0.2 + 0.4 + 0.8 s of back-off meanwhile
+        assert not waited.done()
+        async with HassServer(token=TOKEN, port=port):
+            got = await asyncio.wait_for(waited, 10)
+            assert got is state and state.connected
+        # Once per failed attempt and once for the connection; a 50 ms poll would have
+        # woken ~28 times over the back-off.
+        assert waiter.count <= state.failures + 1, (waiter.count, state.failures)
 
     async def test_a_server_down_at_start_is_retried_and_its_tools_appear(
             self, tmp_path, manager, caplog):

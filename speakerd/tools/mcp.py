@@ -16,7 +16,6 @@ import fnmatch
 import json
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,6 +220,8 @@ class Manager:
         self.tasks: dict[str, asyncio.Task[Any]] = {}
         self.connections: dict[str, Connection] = {}
         self._index: dict[str, int] = {}
+        # Set (and dropped) whenever a server's state changes: what wait_connected awaits.
+        self._news: dict[str, asyncio.Event] = {}
         self.update(servers)
 
     def update(self, servers: tuple[configmod.McpServerConfig, ...]) -> None:
@@ -247,6 +248,7 @@ class Manager:
                 self.registry.set_group(f"mcp:{name}", [])
             self.servers[name] = server
             self.states[name] = ServerState(name, describe(server))
+            self._tell(name)
             self.tasks[name] = self.spawn(self._keep(server), f"mcp {name}")
 
     def status(self) -> list[dict[str, Any]]:
@@ -264,12 +266,19 @@ class Manager:
                              until_error: bool = False) -> ServerState:
         """For `config --show`, `check` and tests: the state once connected (or, with
         `until_error`, once an attempt has failed), or as it is after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
         state = self.states[name]
-        while not state.connected and time.monotonic() < deadline \
-                and not (until_error and state.error):
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not (state.connected or (until_error and state.error)):
+                    await self._news.setdefault(name, asyncio.Event()).wait()
+                    state = self.states.get(name, state)  # update() may have replaced it
         return state
+
+    def _tell(self, name: str) -> None:
+        """Wake whoever waits on `name`'s state; later waiters get a fresh event."""
+        event = self._news.pop(name, None)
+        if event is not None:
+            event.set()
 
     # --- the task of one server ---------------------------------------------------
 
@@ -296,6 +305,7 @@ class Manager:
                 state.connected = False
                 state.error = why
                 state.failures += 1
+                self._tell(server.name)
                 self.connections.pop(server.name, None)
                 self.registry.set_group(f"mcp:{server.name}", [])
                 if was_connected or not lost:
@@ -309,6 +319,7 @@ class Manager:
                 delay = min(delay * 2, self.backoff[1])
         finally:
             state.connected = False
+            self._tell(server.name)
             if self.tasks.get(server.name) in (None, asyncio.current_task()):
                 self.registry.set_group(f"mcp:{server.name}", [])
                 self.connections.pop(server.name, None)
@@ -345,6 +356,7 @@ class Manager:
                     raise HttpStatus(statuses[-1]) from e
                 raise
             state.connected, state.error = True, ""
+            self._tell(server.name)
             self.connections[server.name] = conn
             if lost:
                 log.info("MCP server %s is back: %d tools", server.name, len(state.tools),
