@@ -21,7 +21,8 @@ functions), with Home-Assistant-like tools whose schemas the SDK derives: option
 arguments (`anyOf` with null), a nested model (`$defs`/`$ref`), a recursive one.
 
 `realtime_refuses(parameters)` says what the Realtime API would refuse in function
-parameters.
+parameters; `published_servers()` installs the npm packages of MCP servers others
+publish (once, into .venv/mcp-npm, from the npm registry) for tests to run.
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 from mcp import types
@@ -298,6 +302,35 @@ def realtime_refuses(parameters: Any, where: str = "") -> list[str]:
         elif key in _SUBSCHEMA:
             out += realtime_refuses(value, f"{here}.{key}")
     return out
+
+
+# --- servers others publish -------------------------------------------------------------
+
+# From the npm registry, at these versions (MIT, as their READMEs say); PyPI's
+# mcp-server-git and mcp-server-time come with the test extras of pyproject.toml.
+NPM_PACKAGES = {"@modelcontextprotocol/server-everything": "2026.8.31",
+                "@modelcontextprotocol/server-memory": "2026.8.31"}
+NPM_DIR = Path(__file__).resolve().parent.parent / ".venv" / "mcp-npm"
+
+
+def published_servers() -> Path:
+    """node_modules holding NPM_PACKAGES, installed on first use (npm install, ~15 s)."""
+    modules = NPM_DIR / "node_modules"
+
+    def installed(package: str) -> str:
+        path = modules / package / "package.json"
+        return json.loads(path.read_text()).get("version", "") if path.exists() else ""
+
+    wanted = [f"{p}@{v}" for p, v in NPM_PACKAGES.items() if installed(p) != v]
+    if wanted:
+        npm = shutil.which("npm")
+        if npm is None:
+            raise FileNotFoundError("npm (Debian: nodejs and npm)")
+        NPM_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run([npm, "install", "--prefix", str(NPM_DIR), "--no-audit", "--no-fund",
+                        "--no-update-notifier", *wanted], check=True, capture_output=True,
+                       timeout=600)
+    return modules
 
 
 if __name__ == "__main__":
