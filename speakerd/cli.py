@@ -193,19 +193,15 @@ def _announce(path: str | None, text: str, raw: bool) -> int:
 
 def _show_mcp(config: configmod.Config) -> None:
     """Connect to each [[mcp]] server once and list its tools, or say why it cannot."""
+    from speakerd import control
     from speakerd.tools import mcp
 
     logging.getLogger("speakerd.tools.mcp").setLevel(logging.ERROR)  # said below instead
     for state in asyncio.run(mcp.probe(config.mcp, config.path)):
-        if state.connected:
-            print(f"# mcp {state.name} ({state.where}): connected, {len(state.tools)} tools")
-            for name in state.tools:
-                print(f"# mcp tool {name} (from {state.name})")
-            for skipped in state.skipped:
-                print(f"# mcp tool skipped (from {state.name}): {skipped}")
-        else:
-            print(f"# mcp {state.name} ({state.where}): not connected: "
-                  f"{state.error or 'no answer'}")
+        summary = control.mcp_summary(state.as_dict(), names=False)
+        print(f"# mcp {state.name} ({state.where}): {summary}")
+        for name in state.tools:
+            print(f"# mcp tool {name} (from {state.name})")
 
 
 def _fail(line: str) -> None:

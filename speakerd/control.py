@@ -548,15 +548,27 @@ def describe(st: dict[str, Any]) -> str:
                              f"{st.get('realtime_failures', 0)} failures"
                              + (f" (last: {failure})" if failure else "")))
     for server in st.get("mcp", []):
-        tools = ", ".join(server["tools"]) or "no tools"
-        rows.append((f"mcp {server['name']}",
-                     f"{server['where']}: connected, {tools}" if server["connected"] else
-                     f"{server['where']}: not connected ({server['error'] or 'trying'})"))
+        rows.append((f"mcp {server['name']}", f"{server['where']}: {mcp_summary(server)}"))
     err = st.get("last_error")
     rows.append(("last error", f"{when(err['at'])} {err['message']}" if err else "none"))
     head = (f"speakerd {st.get('version', '?')} (pid {st.get('pid', '?')}), "
             f"up {_duration(st.get('uptime_seconds', 0))}")
     return "\n".join([head, *(f"{label + ':':15s}{text}" for label, text in rows)])
+
+
+def mcp_summary(server: dict[str, Any], names: bool = True) -> str:
+    """One [[mcp]] server as `status`, `check` and `config --show` say it: connected,
+    the tools offered (with their `names`), and each tool skipped with why."""
+    if not server.get("connected"):
+        return f"not connected: {server.get('error') or 'trying'}"
+    tools, skipped = server.get("tools", []), server.get("skipped", {})
+    text = f"connected, {len(tools)} tool{'s' if len(tools) != 1 else ''} offered"
+    if names and tools:
+        text += f" ({', '.join(tools)})"
+    if not skipped:
+        return text + ", none skipped"
+    return text + f", {len(skipped)} skipped: " + "; ".join(
+        f"{name} ({why})" for name, why in skipped.items())
 
 
 def _duration(seconds: float) -> str:

@@ -15,6 +15,14 @@ transport instead, at Home Assistant's /mcp_server/sse and /mcp_server/messages/
 
 Run as a script (`python tests/mcp_servers.py stdio RECORD`), it is a stdio server
 with one tool, `get_weather`; it appends its pid, then each call, as JSON lines to RECORD.
+`python tests/mcp_servers.py sdk RECORD` is a stdio server written as the `mcp` SDK's
+own documentation writes one (`MCPServer` and its `@tool()` decorator on typed Python
+functions), with Home-Assistant-like tools whose schemas the SDK derives: optional
+arguments (`anyOf` with null), a nested model (`$defs`/`$ref`), a recursive one.
+
+`realtime_refuses(parameters)` says what the Realtime API would refuse in function
+parameters; `published_servers()` installs the npm packages of MCP servers others
+publish (once, into .venv/mcp-npm, from the npm registry) for tests to run.
 """
 
 from __future__ import annotations
@@ -23,14 +31,18 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 
 from mcp import types
 from mcp.server import Server
 from mcp.server.context import ServerRequestContext
+from pydantic import BaseModel, Field
 
 OFF_ON = "Turns {} a device or entity"
 HASS_ARGS = {"type": "object", "properties": {
@@ -201,6 +213,128 @@ def stdio_main(record: str) -> None:
     anyio.run(main)
 
 
+class Color(BaseModel):
+    """A colour as red, green and blue."""
+
+    red: Annotated[int, Field(ge=0, le=255)]
+    green: Annotated[int, Field(ge=0, le=255)]
+    blue: Annotated[int, Field(ge=0, le=255)]
+
+
+class Step(BaseModel):
+    action: str
+    then: list[Step] = []
+
+
+def sdk_main(record: str) -> None:
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer("hass-sdk-fixture")
+
+    def recorded(tool: str, **arguments: Any) -> str:
+        with open(record, "a") as f:
+            f.write(json.dumps({"name": tool, "arguments": arguments}) + "\n")
+        return json.dumps({"response_type": "action_done", "data": {
+            "success": [{"name": arguments.get("name", ""), "type": "entity"}]}})
+
+    @server.tool()
+    def HassTurnOff(name: str = "", area: str = "", domain: list[str] | None = None) -> str:
+        """Turns off a device or entity"""
+        return recorded("HassTurnOff", name=name, area=area, domain=domain)
+
+    @server.tool()
+    def HassLightSet(name: str = "", brightness: Annotated[int, Field(ge=0, le=100)]
+                     | None = None, color: Color | None = None) -> str:
+        """Sets the brightness or colour of a light"""
+        return recorded("HassLightSet", name=name, brightness=brightness,
+                        color=color.model_dump() if color else None)
+
+    @server.tool()
+    def HassRunScript(steps: list[Step]) -> str:
+        """Runs steps, each of which may have steps of its own"""
+        return recorded("HassRunScript", steps=[s.model_dump() for s in steps])
+
+    @server.tool()
+    def GetLiveContext() -> str:
+        """Provides real-time information about the CURRENT state of devices."""
+        return "Live Context: kitchen lights: on"
+
+    server.run("stdio")
+
+
+# --- what the Realtime API takes ------------------------------------------------------
+
+_SUBSCHEMA = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+
+
+def realtime_refuses(parameters: Any, where: str = "") -> list[str]:
+    """What the Realtime API refuses in a function tool's `parameters`, answering
+    `invalid_function_parameters` for the whole session.update, as its own messages
+    word it: "schema must have type 'object' and not have 'oneOf'/'anyOf'/'allOf'/
+    'enum'/'not' at the top level", "array schema missing items", "object schema
+    missing properties"; and what speakerd promises on top: no `$ref` left (it writes
+    them out), only JSON-schema type names."""
+    out: list[str] = []
+    if not isinstance(parameters, dict):
+        return out
+    kinds = parameters.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else kinds
+    if not where:
+        if parameters.get("type") != "object":
+            out.append("the top level is not type object")
+        out += [f"{k} at the top level" for k in ("oneOf", "anyOf", "allOf", "enum", "not",
+                                                   "const") if k in parameters]
+    here = where or "parameters"
+    if "array" in kinds and "items" not in parameters:
+        out.append(f"{here}: array schema missing items")
+    if "object" in kinds and "properties" not in parameters:
+        out.append(f"{here}: object schema missing properties")
+    out += [f"{here}: {k}" for k in ("$ref", "$defs", "definitions") if k in parameters]
+    out += [f"{here}: type {k!r}" for k in kinds if k not in (
+        "string", "number", "integer", "boolean", "object", "array", "null")]
+    for key, value in parameters.items():
+        if key in ("properties", "patternProperties") and isinstance(value, dict):
+            for name, sub in value.items():
+                out += realtime_refuses(sub, f"{here}.{name}")
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems") and isinstance(value, list):
+            for i, sub in enumerate(value):
+                out += realtime_refuses(sub, f"{here}.{key}[{i}]")
+        elif key in _SUBSCHEMA:
+            out += realtime_refuses(value, f"{here}.{key}")
+    return out
+
+
+# --- servers others publish -------------------------------------------------------------
+
+# From the npm registry, at these versions (MIT, as their READMEs say); PyPI's
+# mcp-server-git and mcp-server-time come with the test extras of pyproject.toml.
+NPM_PACKAGES = {"@modelcontextprotocol/server-everything": "2026.8.31",
+                "@modelcontextprotocol/server-memory": "2026.8.31"}
+NPM_DIR = Path(__file__).resolve().parent.parent / ".venv" / "mcp-npm"
+
+
+def published_servers() -> Path:
+    """node_modules holding NPM_PACKAGES, installed on first use (npm install, ~15 s)."""
+    modules = NPM_DIR / "node_modules"
+
+    def installed(package: str) -> str:
+        path = modules / package / "package.json"
+        return json.loads(path.read_text()).get("version", "") if path.exists() else ""
+
+    wanted = [f"{p}@{v}" for p, v in NPM_PACKAGES.items() if installed(p) != v]
+    if wanted:
+        npm = shutil.which("npm")
+        if npm is None:
+            raise FileNotFoundError("npm (Debian: nodejs and npm)")
+        NPM_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run([npm, "install", "--prefix", str(NPM_DIR), "--no-audit", "--no-fund",
+                        "--no-update-notifier", *wanted], check=True, capture_output=True,
+                       timeout=600)
+    return modules
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["stdio"]:
         stdio_main(sys.argv[2])
+    elif sys.argv[1:2] == ["sdk"]:
+        sdk_main(sys.argv[2])

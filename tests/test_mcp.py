@@ -25,11 +25,14 @@ from speakerd.tools import Registry
 from speakerd.tools import mcp as mcpmod
 
 from .conftest import ROOT, SPEAKERD, clean_env, need
-from .mcp_servers import HassServer, hass_tools
+from .mcp_servers import HassServer, hass_tools, realtime_refuses
 from .realtime_server import Call, RealtimeServer, Reply
 
 TOKEN = "ha-llat-eyJhbGciOiJIUzI1NiJ9.kitchen0123456789"
 STDIO_SERVER = [sys.executable, str(ROOT / "tests" / "mcp_servers.py"), "stdio"]
+SDK_SERVER = [sys.executable, str(ROOT / "tests" / "mcp_servers.py"), "sdk"]
+RECURSIVE_STEP = ("arguments.steps.items.then.items refers back to #/$defs/Step, which holds "
+                  "it: a recursive schema cannot be written out")
 
 
 def token_file(tmp_path: Path, text: str = TOKEN, mode: int = 0o600) -> Path:
@@ -139,7 +142,7 @@ class TestConfig:
         assert proc.returncode == 0, err.decode()
         lines = [x for x in out.decode().splitlines() if x.startswith("# mcp")]
         assert lines == [
-            f"# mcp home (streamable http {ha.url}): connected, 3 tools",
+            f"# mcp home (streamable http {ha.url}): connected, 3 tools offered, none skipped",
             "# mcp tool HassTurnOn (from home)", "# mcp tool HassTurnOff (from home)",
             "# mcp tool GetLiveContext (from home)",
             lines[-1]]
@@ -152,24 +155,32 @@ class TestConfig:
 class TestSchemas:
     def test_home_assistant_schemas_pass_through(self):
         for tool in hass_tools():
-            params = mcpmod.to_parameters(tool.input_schema)
-            assert isinstance(params, dict) and params["type"] == "object"
-
-    @pytest.mark.parametrize(("schema", "why"), [
-        ({"type": "object", "properties": {"x": {"type": ["string", "null"]}}},
-         "arguments.x has type ['string', 'null']"),
-        ({"type": "object", "properties": {"x": {"$ref": "#/$defs/X"}}},
-         "arguments.x uses $ref"),
-        ({"type": "array"}, "its arguments are of type 'array', not an object"),
-        ({"type": "object", "properties": {"x": {"type": "array", "items": {"type": "date"}}}},
-         "arguments.x.items has type 'date'"),
-    ])
-    def test_what_cannot_be_offered_says_why(self, schema, why):
-        assert mcpmod.to_parameters(schema) == why
+            assert mcpmod.to_parameters(tool.input_schema) == tool.input_schema
 
     def test_names_are_made_realtime_function_names(self):
         assert mcpmod.tool_name("HassTurnOn") == "HassTurnOn"
         assert mcpmod.tool_name("lights.turn on") == "lights_turn_on"
+
+
+class Resumes:
+    """Awaits `coro`, counting each time the loop resumes it after it waited."""
+
+    def __init__(self, coro) -> None:
+        self.coro = coro
+        self.count = 0
+
+    def __await__(self):
+        send, value = self.coro.send, None
+        while True:
+            try:
+                future = send(value)
+            except StopIteration as stop:
+                return stop.value
+            try:
+                value, send = (yield future), self.coro.send
+            except BaseException as e:  # cancellation: handed on to the coroutine
+                value, send = e, self.coro.throw
+            self.count += 1
 
 
 @pytest.fixture
@@ -275,6 +286,22 @@ class TestManager:
                                "http://HOST:8123/api/mcp, with the MCP Server integration "
                                "added)")
 
+    async def test_waiting_for_a_connection_wakes_only_when_its_state_changes(
+            self, tmp_path, manager):
+        port = free_port()
+        m = manager(server_config(f"http://127.0.0.1:{port}/api/mcp", tmp_path))
+        waiter = Resumes(m.wait_connected("home", 60))
+        waited = asyncio.ensure_future(waiter)
+        state = m.states["home"]
+        await until(lambda: state.failures >= 3)  # 0.2 + 0.4 + 0.8 s of back-off meanwhile
+        assert not waited.done()
+        async with HassServer(token=TOKEN, port=port):
+            got = await asyncio.wait_for(waited, 10)
+            assert got is state and state.connected
+        # Once per failed attempt and once for the connection; a 50 ms poll would have
+        # woken ~28 times over the back-off.
+        assert waiter.count <= state.failures + 1, (waiter.count, state.failures)
+
     async def test_a_server_down_at_start_is_retried_and_its_tools_appear(
             self, tmp_path, manager, caplog):
         caplog.set_level(logging.INFO)
@@ -362,19 +389,46 @@ class TestManager:
         assert "MCP server home changed its tools: HassTurnOn, HassTurnOff, HassLightSet" \
             in caplog.text
 
-    async def test_a_tool_with_an_unsupported_schema_is_skipped_with_one_warning(
-            self, tmp_path, manager, caplog):
-        odd = types.Tool(name="HassClimateSet", description="d", input_schema={
-            "type": "object", "properties": {"temperature": {"type": ["number", "null"]}}})
-        async with HassServer(token=TOKEN, tools=[*hass_tools(), odd]) as ha:
+    async def test_a_nullable_argument_is_offered_and_checked_before_the_call(
+            self, tmp_path, manager):
+        climate = types.Tool(name="HassClimateSetTemperature", description="d", input_schema={
+            "type": "object", "properties": {"temperature": {"type": ["number", "null"]}},
+            "required": ["temperature"]})
+        async with HassServer(token=TOKEN, tools=[*hass_tools(), climate]) as ha:
             registry = Registry()
             m = manager(server_config(ha.url, tmp_path), registry=registry)
             state = await m.wait_connected("home", 10)
-        assert "HassClimateSet" not in registry.tools and len(state.tools) == 3
+            null = await registry.run("HassClimateSetTemperature", '{"temperature": null}')
+            warm = await registry.run("HassClimateSetTemperature", '{"temperature": "warm"}')
+        assert state.tools[-1] == "HassClimateSetTemperature" and state.skipped == {}
+        assert null.ok and json.loads(warm.output) == {
+            "error": "the tool failed: invalid arguments: temperature must be number or null"}
+        assert [(c.name, c.arguments) for c in ha.calls] == [
+            ("HassClimateSetTemperature", {"temperature": None})]  # not the warm one
+
+    async def test_a_tool_that_cannot_be_offered_is_skipped_with_one_line_naming_it(
+            self, tmp_path, manager, caplog):
+        caplog.set_level(logging.INFO)
+        script = types.Tool(name="HassRunScript", description="d", input_schema={
+            "type": "object", "properties": {"steps": {"$ref": "#/$defs/Steps"}},
+            "$defs": {"Steps": {"type": "array", "items": {"type": "object", "properties": {
+                "then": {"$ref": "#/$defs/Steps"}}}}}})
+        why = ("arguments.steps.items.then refers back to #/$defs/Steps, which holds it: a "
+               "recursive schema cannot be written out")
+        async with HassServer(token=TOKEN, tools=[*hass_tools(), script]) as ha:
+            registry = Registry()
+            config = server_config(ha.url, tmp_path)
+            m = manager(config, registry=registry)
+            state = await m.wait_connected("home", 10)
+            m.update((config,))  # SIGHUP: listed again, the same tool skipped again
+            await until(lambda: any("changed its tools" in r.getMessage()
+                                    for r in caplog.records))
+        assert "HassRunScript" not in registry.tools and len(state.tools) == 3
+        assert state.skipped == {"HassRunScript": why}
+        assert m.status()[0]["skipped"] == {"HassRunScript": why}
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert warnings == ["MCP server home: tools skipped, their arguments cannot be "
-                            "offered to the model: HassClimateSet (arguments.temperature "
-                            "has type ['number', 'null'])"]
+        assert warnings == [f"MCP server home: tool HassRunScript is not offered to the "
+                            f"model: {why}"]
 
     async def test_the_allow_list_and_a_name_clash(self, tmp_path, manager):
         from speakerd.tools.builtin import GET_TIME
@@ -405,6 +459,44 @@ class TestManager:
         await m.stop()
         assert not Path(f"/proc/{started['pid']}").exists()  # no server left behind
 
+    async def test_a_server_written_on_the_sdks_decorator_offers_its_optional_arguments(
+            self, tmp_path, manager):
+        record = tmp_path / "calls.jsonl"
+        registry = Registry()
+        m = manager(configmod.McpServerConfig(name="home", command=(*SDK_SERVER, str(record))),
+                    registry=registry)
+        state = await m.wait_connected("home", 20)
+        assert state.tools == ["HassTurnOff", "HassLightSet", "GetLiveContext"]
+        assert state.skipped == {"HassRunScript": RECURSIVE_STEP}
+        assert registry.tools["HassTurnOff"].parameters == {"type": "object", "properties": {
+            "name": {"default": "", "title": "Name", "type": "string"},
+            "area": {"default": "", "title": "Area", "type": "string"},
+            "domain": {"anyOf": [{"items": {"type": "string"}, "type": "array"},
+                                 {"type": "null"}], "default": None, "title": "Domain"}}}
+        color = registry.tools["HassLightSet"].parameters["properties"]["color"]["anyOf"][0]
+        assert color["type"] == "object" and color["required"] == ["red", "green", "blue"]
+        adapter = TypeAdapter(rt.RealtimeFunctionTool)
+        for schema in registry.schemas():
+            assert adapter.validate_python(schema).model_dump(exclude_none=True) == schema
+            assert realtime_refuses(schema["parameters"]) == []
+        runs = [await registry.run(name, args) for name, args in [
+            ("HassTurnOff", '{"name": "kitchen lights", "domain": ["light"]}'),
+            ("HassTurnOff", '{"area": "kitchen", "domain": null}'),
+            ("HassLightSet", '{"name": "desk", "color": {"red": 255, "green": 180, "blue": 0}}'),
+            ("HassTurnOff", '{"domain": "light"}'),
+            ("HassLightSet", '{"color": {"red": 300, "green": 0, "blue": 0}}')]]
+        assert [r.ok for r in runs] == [True, True, True, False, False]
+        assert [json.loads(r.output)["error"] for r in runs[3:]] == [
+            "the tool failed: invalid arguments: domain must be array or null",
+            "the tool failed: invalid arguments: color.red must be at most 255"]
+        assert [json.loads(x) for x in record.read_text().splitlines()] == [  # valid ones only
+            {"name": "HassTurnOff", "arguments": {"name": "kitchen lights", "area": "",
+                                                  "domain": ["light"]}},
+            {"name": "HassTurnOff", "arguments": {"name": "", "area": "kitchen",
+                                                  "domain": None}},
+            {"name": "HassLightSet", "arguments": {"name": "desk", "brightness": None, "color": {
+                "red": 255, "green": 180, "blue": 0}}}]
+
     async def test_an_sse_server_with_a_token(self, tmp_path, manager):
         async with HassServer(token=TOKEN, sse=True) as ha:
             registry = Registry()
@@ -426,6 +518,18 @@ class TestManager:
             m.update(())
             assert registry.tools == {} and m.tasks == {}
 
+    def test_the_sdk_is_imported_without_its_server_half(self):
+        code = ("import sys\n"
+                "from speakerd.tools import mcp\n"
+                "server = sorted(m for m in sys.modules if m.startswith('mcp.server') or "
+                "m.split('.')[0] in ('starlette', 'uvicorn', 'sse_starlette', 'cryptography',"
+                " 'click', 'python_multipart', 'jsonschema'))\n"
+                "assert not server, server\n"
+                "assert 'mcp.client.session' in sys.modules\n")
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+
     def test_without_mcp_servers_the_sdk_is_never_imported(self):
         code = ("import sys, asyncio\n"
                 "from speakerd import config, daemon, cli\n"
@@ -434,6 +538,40 @@ class TestManager:
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 0, r.stderr
+
+
+class TestCheck:
+    async def test_a_line_per_server_connected_its_tools_offered_and_those_skipped(
+            self, tmp_path):
+        from speakerd.checks.mcp import DOWN_FIX, SKIPPED_FIX
+
+        from .test_check import FILE_DEVICES, check, has
+        sdk = [*SDK_SERVER, str(tmp_path / "calls.jsonl")]
+        attic = f"http://127.0.0.1:{free_port()}/api/mcp"
+        async with HassServer(token=TOKEN) as ha, RealtimeServer() as server:
+            code, lines, err = await check(
+                tmp_path, FILE_DEVICES + f'[realtime]\nurl = "{server.url}"\n'
+                + mcp_table(ha.url, token_file(tmp_path))
+                + f'[[mcp]]\nname = "sdk"\ncommand = {json.dumps(sdk)}\n'
+                'tools = ["HassLight*", "HassRunScript"]\n'
+                f'[[mcp]]\nname = "attic"\nurl = "{attic}"\ntimeout_seconds = 2\n',
+                "--listen", "0.5")
+        has(lines, f"ok    mcp home: streamable http {ha.url}: connected, 3 tools offered "
+            "(HassTurnOn, HassTurnOff, GetLiveContext), none skipped")
+        has(lines, f"warn  mcp sdk: stdio {' '.join(sdk)}: connected, 1 tool offered "
+            f"(HassLightSet), 1 skipped: HassRunScript ({RECURSIVE_STEP})",
+            SKIPPED_FIX.format(i=1))
+        i = has(lines, f"^warn  mcp attic: streamable http {attic}: not connected: cannot "
+                "connect: .+", DOWN_FIX.format(i=2))
+        assert lines[i].count("mcp attic") == 1
+        # The realtime service is offered the MCP servers' tools, as a conversation would.
+        has(lines, r"^ok    realtime session\.updated: model gpt-realtime, voice marin, 11 "
+            r"tools \(\d+ ms\)")
+        assert server.invalid == []
+        tools = {t["name"] for t in server.received[0].event["session"]["tools"]}
+        assert {"HassTurnOn", "HassTurnOff", "GetLiveContext", "HassLightSet"} <= tools
+        assert code == 0 and TOKEN not in "\n".join(lines) + err
+        assert err == "" or "Traceback" not in err, err
 
 
 # --- whole conversations through `speakerd run` ----------------------------------------
@@ -461,10 +599,14 @@ class TestConversation:
             base = spk.config.read_text()
             await spk.start()
             try:
-                spk.config.write_text(base + mcp_table(ha.url, token_file(tmp_path)))
+                sdk = [*SDK_SERVER, str(tmp_path / "calls.jsonl")]
+                spk.config.write_text(base + mcp_table(ha.url, token_file(tmp_path))
+                                      + f'[[mcp]]\nname = "sdk"\ncommand = {json.dumps(sdk)}\n'
+                                      'tools = ["HassLight*", "HassRunScript"]\n')
                 assert spk.proc is not None
                 spk.proc.send_signal(signal.SIGHUP)
                 await spk.wait_log("MCP server home (streamable http")
+                await spk.wait_log("MCP server sdk (stdio", timeout=30)
                 proc = await asyncio.create_subprocess_exec(
                     *SPEAKERD, "status", "--json", "--control", str(control), cwd=ROOT,
                     env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -472,14 +614,20 @@ class TestConversation:
                 assert proc.returncode == 0, err.decode()
                 assert json.loads(out)["mcp"] == [{
                     "name": "home", "where": f"streamable http {ha.url}", "connected": True,
-                    "tools": ["HassTurnOn", "HassTurnOff", "GetLiveContext"], "skipped": [],
-                    "error": ""}]
+                    "tools": ["HassTurnOn", "HassTurnOff", "GetLiveContext"], "skipped": {},
+                    "error": ""}, {
+                    "name": "sdk", "where": f"stdio {' '.join(sdk)}", "connected": True,
+                    "tools": ["HassLightSet"],
+                    "skipped": {"HassRunScript": RECURSIVE_STEP}, "error": ""}]
                 proc = await asyncio.create_subprocess_exec(
                     *SPEAKERD, "status", "--control", str(control), cwd=ROOT,
                     env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 out, err = await asyncio.wait_for(proc.communicate(), 30)
-                assert (f"mcp home:      streamable http {ha.url}: connected, HassTurnOn, "
-                        "HassTurnOff, GetLiveContext\n") in out.decode(), out.decode()
+                assert (f"mcp home:      streamable http {ha.url}: connected, 3 tools offered "
+                        "(HassTurnOn, HassTurnOff, GetLiveContext), none skipped\n"
+                        f"mcp sdk:       stdio {' '.join(sdk)}: connected, 1 tool offered "
+                        f"(HassLightSet), 1 skipped: HassRunScript ({RECURSIVE_STEP})\n"
+                        ) in out.decode(), out.decode()
                 spk.config.write_text(base)
                 spk.proc.send_signal(signal.SIGHUP)
                 await spk.wait_log("config reloaded", count=2)

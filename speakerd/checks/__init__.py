@@ -1,5 +1,5 @@
 """`speakerd check`: the doctor's checklist, one line per check, in the order a speaker
-needs things: config and key, the service, audio, the realtime service, GPIO."""
+needs things: config and key, the service, audio, MCP servers, the realtime service, GPIO."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 from typing import Any, TextIO
 
 from speakerd import control
-from speakerd.checks import audio, echo, gpio, realtime, service, settings
+from speakerd.checks import audio, echo, gpio, mcp, realtime, service, settings
 from speakerd.checks.report import Report, ok, skip, warn
 from speakerd.errors import EX_OK, EX_SOFTWARE
 
@@ -37,10 +37,11 @@ def run(config_path: str, *, listen: float = DEFAULT_LISTEN, offline: bool = Fal
         echo.check(report, config)
     elif config.audio.echo_cancellation == "software":
         report.add(skip("echo", "needs both the microphone and the speaker"))
+    mcp_tools = mcp.check(report, config, status)
     if offline:
         report.add(skip("realtime", "--offline"))
     else:
-        asyncio.run(realtime.check(report, config, key, _tool_schemas(config)))
+        asyncio.run(realtime.check(report, config, key, _tool_schemas(config) + mcp_tools))
     gpio.check(report, config, running=status is not None, pin_factory=pin_factory)
     return EX_SOFTWARE if report.failed else EX_OK
 

@@ -11,6 +11,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from speakerd.tools.schema import ArgumentError, validate
+
+__all__ = ["DEFAULT_TIMEOUT", "NAME_PATTERN", "ArgumentError", "Registry", "Result", "Tool",
+           "ToolFailed", "validate"]
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
@@ -39,10 +44,6 @@ class Result:
     output: str  # JSON text for function_call_output
     ok: bool
     end_conversation: bool = False
-
-
-class ArgumentError(ValueError):
-    """The model's arguments do not fit the tool's schema."""
 
 
 class ToolFailed(Exception):
@@ -127,39 +128,3 @@ class Registry:
         if not logged:
             log.warning("tool %s failed: %s", name, why, extra={"SPEAKERD_EVENT": "tool"})
         return Result(json.dumps({"error": f"the tool failed: {why}"}), False)
-
-
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "string": str, "integer": int, "number": (int, float), "boolean": bool,
-    "object": dict, "array": list}
-
-
-def validate(value: Any, schema: Mapping[str, Any], path: str = "") -> None:
-    """The JSON-schema subset tools use: type, properties, required, enum, minimum,
-    maximum, additionalProperties false, items. Raises ArgumentError naming the field."""
-    where = path or "arguments"
-    kind = schema.get("type")
-    if kind:
-        want = _TYPES[kind]
-        if not isinstance(value, want) or (isinstance(value, bool) and kind in (
-                "integer", "number")):
-            raise ArgumentError(f"{where} must be {kind}")
-    if "enum" in schema and value not in schema["enum"]:
-        raise ArgumentError(f"{where} must be one of {schema['enum']}")
-    if "minimum" in schema and value < schema["minimum"]:
-        raise ArgumentError(f"{where} must be at least {schema['minimum']}")
-    if "maximum" in schema and value > schema["maximum"]:
-        raise ArgumentError(f"{where} must be at most {schema['maximum']}")
-    if isinstance(value, dict):
-        props = schema.get("properties", {})
-        for key in schema.get("required", []):
-            if key not in value:
-                raise ArgumentError(f"{path + '.' if path else ''}{key} is required")
-        for key, item in value.items():
-            if key in props:
-                validate(item, props[key], f"{path + '.' if path else ''}{key}")
-            elif schema.get("additionalProperties") is False:
-                raise ArgumentError(f"unknown argument {key!r}")
-    if isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            validate(item, schema["items"], f"{where}[{i}]")

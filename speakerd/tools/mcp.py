@@ -16,7 +16,6 @@ import fnmatch
 import json
 import logging
 import re
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,15 +23,19 @@ from urllib.parse import urlsplit
 
 import anyio
 import httpx2
-from mcp import types as mcp_types
-from mcp.client.session import ClientSession
-from mcp.client.sse import sse_client
-from mcp.client.stdio import StdioServerParameters, stdio_client
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared._httpx_utils import create_mcp_http_client
 
 from speakerd import config as configmod
-from speakerd.tools import _TYPES, NAME_PATTERN, Registry, Tool, ToolFailed
+from speakerd.tools import NAME_PATTERN, Registry, Tool, ToolFailed
+from speakerd.tools.mcp_sdk import (
+    ClientSession,
+    StdioServerParameters,
+    create_mcp_http_client,
+    sse_client,
+    stdio_client,
+    streamable_http_client,
+)
+from speakerd.tools.mcp_sdk import types as mcp_types
+from speakerd.tools.schema import to_parameters
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,6 @@ BACKOFF = (1.0, 60.0)  # first and longest wait between connection attempts, sec
 # retries at once, after the token file has been fixed.
 AUTH_BACKOFF = 600.0
 PING_INTERVAL = 30.0  # seconds between liveness pings of a connected server
-UNSUPPORTED_KEYS = ("$ref", "$defs", "definitions", "allOf", "not", "if", "then", "else")
 
 
 @dataclass
@@ -58,9 +60,15 @@ class ServerState:
     where: str  # the URL or the command line
     connected: bool = False
     tools: list[str] = field(default_factory=list)  # names as the model sees them
-    skipped: list[str] = field(default_factory=list)  # tools whose schema cannot be offered
+    skipped: dict[str, str] = field(default_factory=dict)  # tool -> why it is not offered
     error: str = ""  # why it is not connected
     failures: int = 0  # failed connections (or lost ones) since start-up
+    schemas: list[dict[str, Any]] = field(default_factory=list, repr=False)  # as offered
+
+    def as_dict(self) -> dict[str, Any]:
+        """As `speakerd status --json` shows it."""
+        return {"name": self.name, "where": self.where, "connected": self.connected,
+                "tools": list(self.tools), "skipped": dict(self.skipped), "error": self.error}
 
 
 def describe(server: configmod.McpServerConfig) -> str:
@@ -77,46 +85,7 @@ def transport_of(server: configmod.McpServerConfig) -> str:
     return "sse" if urlsplit(server.url).path.rstrip("/").endswith("/sse") else "streamable_http"
 
 
-# --- schemas -------------------------------------------------------------------------
-
-def to_parameters(schema: Any) -> dict[str, Any] | str:
-    """An MCP tool's inputSchema as Realtime function parameters, or why it cannot be
-    one: the JSON-schema subset speakerd validates (one type per schema, no references)."""
-    if not isinstance(schema, dict):
-        return "its input schema is not an object"
-    out = copy.deepcopy(schema)
-    for key in ("$schema", "$id", "title"):
-        out.pop(key, None)
-    if out.get("type", "object") != "object":
-        return f"its arguments are of type {out.get('type')!r}, not an object"
-    out["type"] = "object"
-    out.setdefault("properties", {})
-    why = _unsupported(out, "arguments")
-    return why or out
-
-
-def _unsupported(schema: Any, where: str) -> str:
-    if isinstance(schema, list):
-        return next((w for i, s in enumerate(schema) if (w := _unsupported(s, f"{where}[{i}]"))),
-                    "")
-    if not isinstance(schema, dict):
-        return ""
-    for key in UNSUPPORTED_KEYS:
-        if key in schema:
-            return f"{where} uses {key}"
-    kind = schema.get("type")
-    if kind is not None and (not isinstance(kind, str) or kind not in _TYPES):
-        return f"{where} has type {kind!r}"
-    for key, sub in schema.items():
-        if key == "properties" and isinstance(sub, dict):
-            for name, prop in sub.items():
-                if why := _unsupported(prop, f"{where}.{name}"):
-                    return why
-        elif key in ("items", "anyOf", "oneOf", "additionalProperties") and (
-                why := _unsupported(sub, f"{where}.{key}")):
-            return why
-    return ""
-
+# --- tools --------------------------------------------------------------------------
 
 def tool_name(name: str) -> str:
     """An MCP tool name as a Realtime function name may be spelled."""
@@ -251,6 +220,8 @@ class Manager:
         self.tasks: dict[str, asyncio.Task[Any]] = {}
         self.connections: dict[str, Connection] = {}
         self._index: dict[str, int] = {}
+        # Set (and dropped) whenever a server's state changes: what wait_connected awaits.
+        self._news: dict[str, asyncio.Event] = {}
         self.update(servers)
 
     def update(self, servers: tuple[configmod.McpServerConfig, ...]) -> None:
@@ -277,13 +248,12 @@ class Manager:
                 self.registry.set_group(f"mcp:{name}", [])
             self.servers[name] = server
             self.states[name] = ServerState(name, describe(server))
+            self._tell(name)
             self.tasks[name] = self.spawn(self._keep(server), f"mcp {name}")
 
     def status(self) -> list[dict[str, Any]]:
         """Each server, connected or not, and its tools (`speakerd status`)."""
-        return [{"name": st.name, "where": st.where, "connected": st.connected,
-                 "tools": list(st.tools), "skipped": list(st.skipped), "error": st.error}
-                for st in self.states.values()]
+        return [st.as_dict() for st in self.states.values()]
 
     async def stop(self) -> None:
         tasks = list(self.tasks.values())
@@ -294,14 +264,21 @@ class Manager:
 
     async def wait_connected(self, name: str, timeout: float, *,
                              until_error: bool = False) -> ServerState:
-        """For `config --show` and tests: the state once connected (or, `until_error`,
-        once an attempt has failed), or as it is after `timeout` seconds."""
-        deadline = time.monotonic() + timeout
+        """For `config --show`, `check` and tests: the state once connected (or, with
+        `until_error`, once an attempt has failed), or as it is after `timeout` seconds."""
         state = self.states[name]
-        while not state.connected and time.monotonic() < deadline \
-                and not (until_error and state.error):
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                while not (state.connected or (until_error and state.error)):
+                    await self._news.setdefault(name, asyncio.Event()).wait()
+                    state = self.states.get(name, state)  # update() may have replaced it
         return state
+
+    def _tell(self, name: str) -> None:
+        """Wake whoever waits on `name`'s state; later waiters get a fresh event."""
+        event = self._news.pop(name, None)
+        if event is not None:
+            event.set()
 
     # --- the task of one server ---------------------------------------------------
 
@@ -328,6 +305,7 @@ class Manager:
                 state.connected = False
                 state.error = why
                 state.failures += 1
+                self._tell(server.name)
                 self.connections.pop(server.name, None)
                 self.registry.set_group(f"mcp:{server.name}", [])
                 if was_connected or not lost:
@@ -336,11 +314,12 @@ class Manager:
                                 server.name, state.where, why,
                                 extra={"SPEAKERD_EVENT": "mcp"})
                 lost = True
-                state.tools = []
+                state.tools, state.schemas = [], []
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff[1])
         finally:
             state.connected = False
+            self._tell(server.name)
             if self.tasks.get(server.name) in (None, asyncio.current_task()):
                 self.registry.set_group(f"mcp:{server.name}", [])
                 self.connections.pop(server.name, None)
@@ -377,6 +356,7 @@ class Manager:
                     raise HttpStatus(statuses[-1]) from e
                 raise
             state.connected, state.error = True, ""
+            self._tell(server.name)
             self.connections[server.name] = conn
             if lost:
                 log.info("MCP server %s is back: %d tools", server.name, len(state.tools),
@@ -412,24 +392,25 @@ class Manager:
             if not cursor:
                 break
         tools: list[Tool] = []
-        skipped: list[str] = []
+        skipped: dict[str, str] = {}
         for t in listed:
             if not any(fnmatch.fnmatchcase(t.name, p) for p in server.tools):
                 continue
             params_or_why = to_parameters(t.input_schema)
             if isinstance(params_or_why, str):
-                skipped.append(f"{t.name} ({params_or_why})")
+                skipped[t.name] = params_or_why
+                if state.skipped.get(t.name) != params_or_why:  # once, not at each re-list
+                    log.warning("MCP server %s: tool %s is not offered to the model: %s",
+                                server.name, t.name, params_or_why,
+                                extra={"SPEAKERD_EVENT": "mcp"})
                 continue
             tools.append(Tool(tool_name(t.name), _cut(t.description or t.title or t.name,
                                                      MAX_DESCRIPTION),
                               params_or_why, _caller(conn, t.name),
                               timeout=server.timeout_seconds))
-        if skipped and skipped != state.skipped:
-            log.warning("MCP server %s: tools skipped, their arguments cannot be offered to "
-                        "the model: %s", server.name, "; ".join(skipped),
-                        extra={"SPEAKERD_EVENT": "mcp"})
         state.skipped = skipped
         state.tools = self.registry.set_group(f"mcp:{server.name}", tools, server.name)
+        state.schemas = [self.registry.tools[name].schema() for name in state.tools]
 
 
 def _caller(conn: Connection, mcp_name: str) -> Callable[..., Any]:
