@@ -310,7 +310,8 @@ class EchoCanceller:
         talk = self.talk
         held = (TOO_LITTLE if talk.ratio >= talk.adapted else LEARNING if not talk.armed
                 else RELEARNING if talk.relearning else None)
-        onset = talk.update(mic, linear, echo=True, could_be=self._echo_bound(recent, head, n))
+        onset = talk.update(mic, linear, echo=True, could_be=self._echo_bound(recent, head, n),
+                            playing=dbfs(ref) > ACTIVE_DBFS)
         self._count(held)
         if onset:
             t = self.talk

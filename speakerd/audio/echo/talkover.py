@@ -201,10 +201,12 @@ class TalkOver:
             self.closest = max(self.closest, level)
 
     def update(self, mic: np.ndarray, left: np.ndarray, *, echo: bool,
-               could_be: np.ndarray | None = None) -> bool:
+               could_be: np.ndarray | None = None, playing: bool = True) -> bool:
         """`mic` and what the filter `left` of it; `echo`: the speaker played within
         the last half second; `could_be`: per 10 ms piece, the loudest reference (dB)
-        its echo could come from. -> True on the frame where a voice is first heard."""
+        its echo could come from; `playing`: the speaker plays into this very frame
+        (not only its tail), so what comes close to a voice is echo alone and counts
+        towards `closest`. -> True on the frame where a voice is first heard."""
         onset = False
         self._keep(mic, left)
         for j, i in enumerate(range(0, mic.size - self.SUB + 1, self.SUB)):
@@ -231,7 +233,7 @@ class TalkOver:
                 self._ratios.append((self._piece, r))
                 while self._ratios[0][0] <= self._piece - 130:
                     self._ratios.popleft()
-                if armed:
+                if armed and playing:
                     self._near_miss(r - self.ratio if voiced and r < 1.0 else -math.inf)
                 if voice and armed:
                     self._recent.append(self._piece)
