@@ -92,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(configmod.to_toml(config, api_key))
                 for name in config.wake_word.models:
                     print(f"# wake word {wakeword.model_id(name)}: {wakeword.model_path(name)}")
-                from speakerd.daemon import build_tools
-                from speakerd.tools import timers, volume
-                registry = build_tools(config, volume.Volume("", "", None), timers.Timers())
-                for tool in registry.tools.values():
+                from speakerd.tools import catalog
+                for tool in catalog.listed(config).tools.values():
                     print(f"# tool {tool.name}: {tool.description}")
                 if config.mcp:
                     _show_mcp(config)
@@ -137,7 +135,7 @@ def _status(path: str | None, raw: bool) -> int:
     """`speakerd status`: 0 with the daemon's answer, 69 when no daemon answers."""
     import json
 
-    from speakerd import control
+    from speakerd.control import client as control
 
     try:
         reply = control.ask(control.client_path(path), {"request": "status"})
@@ -169,8 +167,8 @@ def _announce(path: str | None, text: str, raw: bool) -> int:
     """`speakerd announce TEXT`: 0 once played, 69 unreachable or unavailable, 1 refused."""
     import json
 
-    from speakerd import control
     from speakerd.announce import REPLY_TIMEOUT
+    from speakerd.control import client as control
 
     try:
         reply = control.ask(control.client_path(path), {"request": "announce", "text": text},
@@ -193,7 +191,7 @@ def _announce(path: str | None, text: str, raw: bool) -> int:
 
 def _show_mcp(config: configmod.Config) -> None:
     """Connect to each [[mcp]] server once and list its tools, or say why it cannot."""
-    from speakerd import control
+    from speakerd.control import client as control
     from speakerd.tools import mcp
 
     logging.getLogger("speakerd.tools.mcp").setLevel(logging.ERROR)  # said below instead

@@ -1,62 +1,47 @@
-"""Runs speakerd on one asyncio loop: wires audio, wake word, socket and tools to the session."""
+"""Runs speakerd on one asyncio loop: the shell that feeds the session its inputs, carries
+out its actions, and starts, reloads and stops the parts around it."""
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import signal
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from speakerd import __version__
-from speakerd import announce as announcemod
 from speakerd import config as configmod
-from speakerd import control as controlmod
 from speakerd import log as logmod
-from speakerd import phrases as phrasesmod
 from speakerd import session as s
-from speakerd.audio import capture as capmod
-from speakerd.audio import cues as cuesmod
-from speakerd.audio import device as devmod
-from speakerd.audio import echo as echomod
-from speakerd.audio import levels as levelsmod
-from speakerd.audio import playback as pbmod
-from speakerd.audio import resample
+from speakerd.announce import PREFIX as ANNOUNCED
+from speakerd.announce import Announcer
+from speakerd.audio.echo import VoiceOnset
+from speakerd.audio.echo.wiring import EchoWiring
 from speakerd.buttons import Buttons
-from speakerd.errors import EX_SOFTWARE, ConfigError, UnavailableError
+from speakerd.control import server as controlmod
+from speakerd.control.client import ENV as CONTROL_ENV
+from speakerd.control.stats import Stats
+from speakerd.devices import Devices, PlaybackGain
+from speakerd.errors import EX_SOFTWARE, ConfigError
+from speakerd.host import Host
 from speakerd.leds import Leds
+from speakerd.link import Link
 from speakerd.notify import Notifier
 from speakerd.phrase_cache import PhraseCache
-from speakerd.realtime import client as clientmod
-from speakerd.realtime import protocol
-from speakerd.realtime import reach as reachmod
-from speakerd.tools import Registry, plugins
+from speakerd.sounds import Sounds, is_aside
+from speakerd.tools import Registry
 from speakerd.tools import timers as timermod
 from speakerd.tools import volume as volmod
-from speakerd.tools.builtin import BUILTIN
-from speakerd.wakeword import Detection, Detector
+from speakerd.tools.catalog import build_tools
+from speakerd.wakeword import Detection
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_GRACE = 5.0  # seconds an answer may still play after SIGTERM
-# Seconds the start waits for each device's first open before going on without it.
-# Opens take tens of ms; one that takes longer (a sound server slow to answer, a
-# busy device) is waited for in its thread while speakerd runs.
-OPEN_WAIT = 1.0
-
-
-def build_tools(c: configmod.Config, volume: volmod.Volume,
-                timers: timermod.Timers) -> Registry:
-    """The enabled tools: built-ins by name, then plug-ins."""
-    available = {**BUILTIN, **{t.name: t for t in volmod.tools(volume)},
-                 **{t.name: t for t in timermod.tools(timers)}}
-    enabled = set(c.tools.enabled)
-    chosen = [t for name, t in available.items() if name in enabled]
-    chosen += plugins.load(enabled - set(available))
-    return Registry(chosen, timeout=c.tools.timeout_seconds)
+RESTING = (s.State.IDLE, s.State.ERROR)
 
 
 def session_settings(c: configmod.Config) -> s.Settings:
@@ -70,28 +55,22 @@ def session_settings(c: configmod.Config) -> s.Settings:
 WAKE_WORD_IGNORED = (s.State.CONNECTING, s.State.LISTENING)
 
 
-class _PlaybackGain:
-    """The software gain of the playback path, as the volume control's fallback."""
+@dataclass(frozen=True, slots=True)
+class Step:
+    """The session took `inp` and went from `before` (holding `conv`) to `after`."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-
-    @property
-    def volume(self) -> float:
-        d = self._daemon
-        return d.playback.volume if d.playback else d.config.audio.playback_volume
-
-    @volume.setter
-    def volume(self, value: float) -> None:
-        if self._daemon.playback:
-            self._daemon.playback.volume = value
+    before: s.State
+    after: s.State
+    inp: object
+    conv: Any
 
 
 class Daemon:
     """Owns the loop's state. `await run()` returns the process exit code.
 
     Inputs from every source go through one queue into `Session.handle`; each
-    returned action is carried out by the handler its type names in `_handlers`.
+    returned action is carried out by the handler its type names in `_handlers`, and
+    then every observer in `_observers` sees the step, in order.
     """
 
     def __init__(self, config: configmod.Config, *, notifier: Notifier,
@@ -112,121 +91,70 @@ class Daemon:
                      and self.mute_file.exists())
         self.session = s.Session(session_settings(config), muted=muted)
         self.volume = volmod.Volume(config.audio.mixer_control, volmod.mixer_device_for(
-            config.audio.playback_device, config.audio.mixer_device), _PlaybackGain(self))
+            config.audio.playback_device, config.audio.mixer_device),
+            PlaybackGain(lambda: self.devices, config.audio.playback_volume))
         self._timers_changed = asyncio.Event()
         self.timers = timermod.Timers(on_change=self._timers_changed.set)
         self.ringer = timermod.Ringer(lambda: self._cue(s.PlayCue("timer")))
         self.tools = tools or build_tools(config, self.volume, self.timers)
         self.mcp: Any = None  # speakerd.tools.mcp.Manager once [[mcp]] is configured
         self._inputs: asyncio.Queue[object] = asyncio.Queue()
+        self.stats = Stats()  # what the control socket's status reports
         self._stop = asyncio.Event()
         self._exit_code = 0
-        # Devices that are not there (yet): "microphone"/"speaker" -> ALSA name.
-        self.missing: dict[str, str] = {}
-        # Devices whose thread has not yet said how its first open went.
-        self._opening: dict[str, asyncio.Future[None]] = {}
-        self._open_began = 0.0
-        self._started = False  # the start's wait for the devices is over
-        self._reload_failed = False  # the file on disk is not the config that runs
+        self.reload_failed = False  # the file on disk is not the config that runs
         self._idle = asyncio.Event()  # set whenever the session comes to rest
-        self._turn: dict[str, float] = {}  # timings of the current turn, for the debug log
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._client: clientmod.RealtimeClient | None = None
-        self._retrying: asyncio.Task[Any] | None = None  # the service, in the background
-        self._mic_resampler: resample.Resampler | None = None
-        self._cue_ids = itertools.count(1)
-        self._cues = cuesmod.make_cues()
-        self.phrases = self._make_phrases(config)
-        self.capture: capmod.Capture | None = None
-        self.playback: pbmod.Playback | None = None
-        self.detector: Detector | None = None
-        # One echo canceller for the daemon's life ([audio] echo_cancellation =
-        # "software"), so it stays adapted to the room; it runs only in conversations.
-        self.echo: echomod.EchoCanceller | None = None
-        self._mic_path: echomod.MicPath | None = None  # the capture thread's, while it runs
+        self.link = Link(on_input=self.put, stats=self.stats, spawn=self._spawn)
+        # Made in run(): the audio threads (which load the models), what rides on them.
+        self.devices: Devices | None = None
+        self.echo: EchoWiring | None = None
+        self.sounds: Sounds | None = None
         self.leds = Leds(config.leds, pin_factory=pin_factory)
         self.buttons: Buttons | None = None
-        # The control socket (README, "Control socket") and what its status reports.
-        self.stats = controlmod.Stats()
+        # The control socket (README, "Control socket").
         self.control_path = controlmod.server_path(control)
         self.control: controlmod.ControlServer | None = None
-        self._levels_lock = asyncio.Lock()
-        self.announcer = announcemod.Announcer(self, spawn=self._spawn)
-        self._handlers: dict[type, Any] = {
-            s.Connect: self._connect, s.CloseConnection: self._close,
-            s.Send: self._send, s.PlayAudio: self._play, s.FinishAudio: self._finish,
-            s.FlushPlayback: self._flush, s.PlayCue: self._cue, s.SayPhrase: self._say,
-            s.StreamMic: self._stream,
-            s.SetWakeWord: self._set_wake_word, s.ResetWakeWord: self._reset_wake_word,
-            s.RunTool: self._run_tool, s.StartTimer: self._start_timer,
-            s.CancelTimer: self._cancel_timer, s.SetLeds: self._leds,
-            s.SetStatus: self._status,
-        }
+        self.host = Host(self)
+        self.announcer = Announcer(self.host, spawn=self._spawn)
+        self._handlers: dict[type, Callable[[Any], object]] = {}  # made in run()
+        # What each feature does after a step of the session, in this order.
+        self._observers: list[Callable[[Step], None]] = [
+            self._rested, self._echo_follows, self._pace_wake_word,
+            lambda step: self.host.changed(),
+            lambda step: self.stats.step(step.before, step.conv, step.inp, step.after),
+        ]
 
     # --- life ---------------------------------------------------------------------
-
-    def make_devices(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Load the models (ConfigError) and set up the audio devices' threads."""
-        c = self.config
-        self.detector = Detector.from_config(c.wake_word, c.path)
-        self.detector.warm_up()  # 8 s of feature warm-up now, not on the first word
-        self.detector.enabled = not self.session.muted
-        self.playback = pbmod.Playback(
-            c.audio.playback_device, loop=loop, on_drained=self._drained,
-            on_flushed=self._flushed, on_status=lambda e: self._device("speaker", e),
-            volume=c.audio.playback_volume)
-        self.capture = capmod.Capture(
-            c.audio.capture_device, loop=loop, on_frame=self._mic_frame,
-            on_status=lambda e: self._device("microphone", e),
-            in_thread=self.detector.process, on_result=self._detected)
-        self._configure_echo()
-
-    async def open_devices(self) -> None:
-        """Open the audio devices, each in its own thread, waiting at most OPEN_WAIT.
-
-        A device that is not there yet (a USB mic not plugged in, a HAT driver not
-        loaded) or slow to open does not stop the start: it is named in the log and
-        the status, and its thread keeps at it until it opens. The loop never opens
-        a device itself: pyalsaaudio holds the GIL through the open.
-        """
-        assert self.capture and self.playback
-        loop = asyncio.get_running_loop()
-        self._opening = {what: loop.create_future() for what in ("speaker", "microphone")}
-        self._open_began = time.monotonic()
-        self.playback.start_opening()
-        self.capture.start_opening()
-        await asyncio.wait(list(self._opening.values()), timeout=OPEN_WAIT)
-        self._started = True
-        for what in self._opening:
-            name = (self.capture if what == "microphone" else self.playback).device
-            self.missing[what] = name
-            log.warning("%s %s has not opened in %.0f s; speakerd starts anyway and uses "
-                        "it once it opens", what, name, OPEN_WAIT,
-                        extra=logmod.fields(event=f"{what}_slow"))
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         self.stats.watch_errors(self.redact.redact)
-        self.make_devices(loop)
-        assert self.capture and self.playback
+        devices = self.devices = Devices(
+            self.config, loop, on_frame=self.link.mic_frame, on_result=self._detected,
+            on_drained=self._drained, on_flushed=self._flushed, on_change=self.host.show,
+            on_failed=self._thread_failed, listening=not self.session.muted)
+        self._handlers = self._action_table(devices)
+        self.echo = EchoWiring(devices.capture, devices.playback)
+        self._configure()
         for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, why)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         if self.notifier.watchdog_interval:
             self._spawn(self._watchdog(), "watchdog")
-        await self.open_devices()
+        await devices.open()
         self.buttons = Buttons(self.config.buttons, loop=loop, on_input=self._button,
                                pin_factory=self.pin_factory)
-        self._show_leds()
+        self.host.show_leds()
         self._spawn(timermod.run(self.timers, self.ringer, self._timers_changed), "timers")
-        self._update_mcp()
         worker = self._spawn(self._work(), "session")
         await self._start_control()
         self._log_startup()
-        # In the background, after the start line: a few espeak-ng runs, ~0.1 s here.
-        self._spawn(self.phrases.render(), "phrases")
-        self.notifier.ready(self.status_line())
+        self.sounds = self.link.sounds = Sounds(devices.playback, self.phrase_cache,
+                                                spawn=self._spawn)
+        self.sounds.configure(self.config)  # after the start line: espeak-ng runs
+        self.notifier.ready(self.host.status_line())
         try:
             await self._stop.wait()
             await self._wind_down()
@@ -240,8 +168,7 @@ class Daemon:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self._cancel_timers()
-            self.capture.stop()
-            self.playback.stop()
+            devices.stop()
             if self.buttons:
                 self.buttons.close()
             self.leds.close()
@@ -252,7 +179,7 @@ class Daemon:
 
     async def _wind_down(self) -> None:
         """SIGTERM mid-conversation: let the answer finish if it does so soon."""
-        if self.session.state in (s.State.IDLE, s.State.ERROR):
+        if self.session.state in RESTING:
             return
         self.put(s.EndRequested("shutdown"))
         try:
@@ -260,29 +187,29 @@ class Daemon:
         except TimeoutError:
             log.warning("the answer did not finish within %.0f s of SIGTERM; cut it off",
                         SHUTDOWN_GRACE)
-        if self._client:
-            self._client.close()
+        self.link.close()
 
     async def _until_idle(self) -> None:
-        while self.session.state not in (s.State.IDLE, s.State.ERROR):
+        while self.session.state not in RESTING:
             await self._idle.wait()
             self._idle.clear()
 
-    def _update_mcp(self) -> None:
-        """Connect to the [[mcp]] servers (start-up, SIGHUP) in background tasks; their
-        tools join the registry as each server answers. No servers: `mcp` is not imported."""
-        if self.mcp is None and self.config.mcp:
+    def _configure(self) -> None:
+        """What the config sets beyond the session: at start-up and on SIGHUP."""
+        c = self.config
+        if self.echo:
+            self.echo.configure(c.audio.echo_cancellation, c.conversation.barge_in)
+        if self.sounds:
+            self.sounds.configure(c)
+        if self.mcp is None and c.mcp:
+            # Connect to the [[mcp]] servers in background tasks; their tools join the
+            # registry as each server answers. No servers: `mcp` is not imported.
             from speakerd.tools import mcp as mcpmod
-            self.mcp = mcpmod.Manager((), self.tools, config_path=self.config.path,
+            self.mcp = mcpmod.Manager((), self.tools, config_path=c.path,
                                       on_secret=self.redact.add, spawn=self._spawn)
         if self.mcp is not None:
-            self.mcp.config_path = self.config.path
-            self.mcp.update(self.config.mcp)
-
-    def _make_phrases(self, config: configmod.Config) -> phrasesmod.Phrases:
-        phrases = phrasesmod.Phrases(config.phrases, self.phrase_cache, config.realtime.voice)
-        phrases.load_cached()
-        return phrases
+            self.mcp.config_path = c.path
+            self.mcp.update(c.mcp)
 
     def request_stop(self, why: str = "request", exit_code: int = 0) -> None:
         """Wind down and make run() return `exit_code` (non-zero: systemd restarts us)."""
@@ -300,37 +227,35 @@ class Daemon:
             key = configmod.resolve_api_key(new)
         except ConfigError as e:
             log.error("config reload failed, keeping the running config: %s", e)
-            self._reload_failed = True
-            self.notifier.ready(self.status_line())
+            self.reload_failed = True
+            self.notifier.ready(self.host.status_line())
             return
         if key:
             self.redact.add(key.reveal())
             self.api_key = key
-        if (new.phrases, new.realtime.voice) != (self.config.phrases,
-                                                  self.config.realtime.voice):
-            self.phrases = self._make_phrases(new)
-            self._spawn(self.phrases.render(), "phrases")
         self.config = new
-        self._configure_echo()
-        self._update_mcp()
+        self._configure()
         # Takes effect from the next conversation; devices and models stay as opened.
         self.session.settings = session_settings(new)
-        if self.playback:
-            self.playback.volume = new.audio.playback_volume
+        if self.devices:
+            self.devices.playback.volume = new.audio.playback_volume
         logmod.set_level(new.log.level)
         log.info("config reloaded from %s", path)
-        self._reload_failed = False
-        self.notifier.ready(self.status_line())
+        self.reload_failed = False
+        self.notifier.ready(self.host.status_line())
 
     # --- the one place inputs meet the session -------------------------------------
 
     def put(self, inp: object) -> None:
         self._inputs.put_nowait(inp)
 
+    async def settled(self) -> None:
+        """Return once the session has handled every input queued so far."""
+        await self._inputs.join()
+
     async def _work(self) -> None:
         while True:
             inp = await self._inputs.get()
-            self._trace(inp)
             before, conv = self.session.state, self.session.conv
             try:
                 actions = self.session.handle(inp)
@@ -348,62 +273,44 @@ class Daemon:
                 except Exception:
                     # One failed action must not take the conversation down with it.
                     log.exception("could not carry out %s", type(action).__name__)
-            if self.session.state in (s.State.IDLE, s.State.ERROR):
-                self._idle.set()
-                self._clean_mic(False)
-            elif before in (s.State.IDLE, s.State.ERROR):
-                self._clean_mic(True)
-            if self._mic_path is not None:
-                self._mic_path.over_answer = self.session.state in (
-                    s.State.RESPONDING, s.State.AUDIO_PLAYING)
-            self._pace_detector()
-            self.announcer.session_changed()
-            self.stats.step(before, conv, inp, self.session.state)
+            step = Step(before, self.session.state, inp, conv)
+            for observe in self._observers:
+                observe(step)
             self._inputs.task_done()  # settled() waits for this
 
-    def _pace_detector(self) -> None:
+    def _rested(self, step: Step) -> None:
+        if step.after in RESTING:
+            self._idle.set()
+
+    def _echo_follows(self, step: Step) -> None:
+        if not self.echo:
+            return
+        if step.after in RESTING:
+            self.echo.conversation(False)
+        elif step.before in RESTING:
+            self.echo.conversation(True)
+        self.echo.answer_playing(step.after in (s.State.RESPONDING, s.State.AUDIO_PLAYING))
+
+    def _pace_wake_word(self, step: Step | None = None) -> None:
         # While connecting and while the person speaks the session ignores the wake
         # word: not running the models then keeps a slow Pi's capture thread up
         # with the speech that matters. It runs again from THINKING, so it has
         # refilled its windows by the time the answer plays and can barge in.
-        if self.detector:
-            self.detector.needed = self.session.state not in WAKE_WORD_IGNORED
+        if self.devices:
+            self.devices.detector.needed = self.session.state not in WAKE_WORD_IGNORED
 
     def _start_over(self) -> None:
         muted = self.session.muted
         self.session = s.Session(session_settings(self.config), muted=muted)
         self._cancel_timers()
-        if self._client:
-            self._client.close()
-            self._client = None
-        if self.playback:
-            self.playback.flush()
-        if self.capture:
-            self.capture.stream(False)
-        self._clean_mic(False)
-        self._mic_resampler = None
-        self._pace_detector()
-        self._show_leds()
-        self._show_status()
-
-    def _trace(self, inp: object) -> None:
-        """The per-turn timing a person needs to see why a turn felt slow (debug)."""
-        now = time.monotonic()
-        t = self._turn
-        if isinstance(inp, protocol.SpeechStarted):
-            t.clear()
-            t["speech"] = now
-        elif isinstance(inp, protocol.SpeechStopped):
-            t["spoken_ms"] = (now - t.get("speech", now)) * 1000
-            t["stopped"] = now
-        elif isinstance(inp, protocol.AudioDelta) and "first_audio" not in t and "stopped" in t:
-            t["first_audio"] = now
-            log.debug("turn: user spoke %.0f ms; first audio of response %s came %.0f ms "
-                      "after the end of speech", t.get("spoken_ms", 0), inp.response_id,
-                      (now - t["stopped"]) * 1000)
-        elif isinstance(inp, s.PlaybackFlushed):
-            log.debug("turn: barge-in after %s ms of the answer were heard",
-                      ", ".join(str(ms) for ms in inp.played_ms.values()))
+        self.link.forget()
+        if self.devices:
+            self.devices.playback.flush()
+            self.devices.capture.stream(False)
+        if self.echo:
+            self.echo.conversation(False)
+        self._pace_wake_word()
+        self.host.show()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -428,6 +335,10 @@ class Daemon:
 
     # --- sources of inputs -----------------------------------------------------------
 
+    def press(self, button: str) -> None:
+        """A button pressed from elsewhere (the control socket), as if on the GPIO."""
+        self._button(s.ButtonPressed(button))
+
     def _button(self, inp: s.ButtonPressed) -> None:
         if inp.button in ("volume_up", "volume_down"):
             self.volume.step(10 if inp.button == "volume_up" else -10)
@@ -442,237 +353,68 @@ class Daemon:
         if isinstance(result, Detection) and not self.ringer.stop():
             self.announcer.interrupt(f"wake word {result.model}")
             self.put(s.WakeWordDetected(result.model, result.frame))
-        elif isinstance(result, echomod.VoiceOnset):
+        elif isinstance(result, VoiceOnset):
             log.debug("a voice over the microphone", extra=logmod.fields(event="voice"))
             self.put(s.VoiceHeard())
 
-    def _device(self, what: str, event: object) -> None:
-        opening = self._opening.pop(what, None)  # this is the first word of its thread
-        if opening is not None:
-            opening.set_result(None)
-        if isinstance(event, devmod.DeviceOpened):
-            if what in self.missing:  # the start went on without it
-                log.info("%s %s is there now: its open took %.1f s", what, event.device,
-                         time.monotonic() - self._open_began)
-            self.missing.pop(what, None)
-        elif isinstance(event, devmod.DeviceLost):
-            self.missing[what] = event.device
-            if opening is not None:
-                log.error("%s; speakerd starts anyway and keeps trying the %s every "
-                          "0.5-10 s", event.error, what,
-                          extra=logmod.fields(event=f"{what}_missing"))
-        elif isinstance(event, devmod.DeviceBack):
-            self.missing.pop(what, None)
-        elif isinstance(event, devmod.ThreadFailed):
-            self.request_stop(f"the failure of the {what} thread ({event.error})",
-                              EX_SOFTWARE)
-            return
-        # Before that, READY=1 says it: the device that answered first must not show
-        # "idle" while the other one has not said yet whether it is there.
-        if self._started:
-            self._show_leds()
-            self._show_status()
-
-    def status_line(self) -> str:
-        """The unit's STATUS= line, and the control socket's `status`: a missing device
-        first, else an announcement that plays, else the session's state; then
-        " (muted)"; then a failed reload, said until a reload succeeds."""
-        doing = next((f"waiting for {what} '{self.missing[what]}'"
-                      for what in ("microphone", "speaker") if what in self.missing), "")
-        if not doing and self.announcer.speaking and self.session.state is s.State.IDLE:
-            doing = "announcing"
-        line = s.status_text(self.session.state, self.session.muted, doing)
-        if self._reload_failed:
-            line += "; config reload failed, old config kept"
-        return line
-
-    def _show_status(self) -> None:
-        self.notifier.status(self.status_line())
-
-    def _show_leds(self, state: str | None = None) -> None:
-        if self.missing:
-            self.leds.show("error")
-        elif self.announcer.speaking and self.session.state is s.State.IDLE:
-            self.leds.show("audio_playing")  # an announcement: speaking, as in an answer
-        elif self.session.muted and self.session.state is s.State.IDLE:
-            self.leds.show("muted")
-        else:
-            self.leds.show(state or self.session.state.value)
+    def _thread_failed(self, what: str, error: str) -> None:
+        self.request_stop(f"the failure of the {what} thread ({error})", EX_SOFTWARE)
 
     def _drained(self, rid: str) -> None:
-        if rid.startswith(announcemod.PREFIX):
+        if rid.startswith(ANNOUNCED):
             self.announcer.drained(rid)
-        elif not rid.startswith("cue:"):
-            self._log_echo(f"answer {rid}")
+        elif not is_aside(rid):
+            if self.echo:
+                self.echo.log(f"answer {rid}")
             self.put(s.PlaybackDrained(rid))
 
     def _flushed(self, played: dict[str, int]) -> None:
         # Cues and announcements are not the conversation's: the session hears only of
         # its own responses.
         heard = {rid: ms for rid, ms in played.items()
-                 if not rid.startswith(("cue:", announcemod.PREFIX))}
+                 if not is_aside(rid) and not rid.startswith(ANNOUNCED)}
         if heard:
             for rid, ms in heard.items():
                 log.info("answer %s cut off after %d ms had been heard", rid, ms,
                          extra=logmod.fields(event="barge_in"))
-            self._log_echo("the cut-off answer")
+            if self.echo:
+                self.echo.log("the cut-off answer")
             self.put(s.PlaybackFlushed(heard))
-
-    # --- echo cancellation and voice barge-in ------------------------------------------
-
-    def _configure_echo(self) -> None:
-        """Create the canceller once "software" is configured (start-up, SIGHUP)."""
-        if self.config.audio.echo_cancellation == "software" and self.echo is None:
-            self.echo = echomod.EchoCanceller()
-
-    def _clean_mic(self, on: bool) -> None:
-        """While a conversation is open, the capture thread cancels the echo and (with
-        voice barge-in) listens for the user; idle listening pays for neither."""
-        if not self.capture or not self.playback:
-            return
-        c = self.config
-        voice = c.conversation.barge_in == "voice"
-        canceller = self.echo if c.audio.echo_cancellation == "software" else None
-        if on and self._mic_path is None and (canceller or voice):
-            self._mic_path = echomod.MicPath(canceller,
-                                             echomod.VoiceActivity() if voice else None)
-            self.playback.echo = canceller
-            self.capture.clean = self._mic_path
-        elif not on and self._mic_path is not None:
-            self.capture.clean = None
-            self.playback.echo = None
-            self._mic_path = None
-            self._log_echo("the conversation")
-
-    def _log_echo(self, what: str) -> None:
-        if self.echo is None:
-            return
-        stats = self.echo.take_stats()
-        if stats is not None and stats.seconds >= 0.5:
-            log.info("echo cancellation over %s: %s", what,
-                     stats.summary(self.config.conversation.barge_in == "voice"),
-                     extra=logmod.fields(event="echo"))
-
-    def _from_client(self, client: clientmod.RealtimeClient, event: object) -> None:
-        if client is not self._client:
-            return  # a socket of an earlier conversation, still closing
-        if self.phrases.take(event):
-            return  # a phrase being recorded, outside the conversation
-        self.stats.realtime(event, client.ready)
-        if isinstance(event, clientmod.Ready):
-            self.put(s.SessionReady())
-            # Idle and cheap now, before the user's turn: record one missing phrase.
-            ask = self.phrases.ask()
-            if ask is not None:
-                client.send(ask)
-        elif isinstance(event, clientmod.Disconnected):
-            self._client = None
-            self.put(s.Disconnected(event.reason, event.unrecoverable, event.cause))
-        else:
-            self.put(event)
-
-    def _mic_frame(self, frame: bytes) -> None:
-        if self._client is None or self._mic_resampler is None:
-            return
-        x = self._mic_resampler(resample.s16_to_float(frame))
-        self._client.append_audio(resample.float_to_s16(x))
 
     # --- actions ------------------------------------------------------------------
 
-    def _connect(self, a: s.Connect) -> None:
-        c = self.config.realtime
-        update = protocol.session_update(model=c.model, instructions=c.instructions,
-                                         voice=c.voice, turn_detection=c.turn_detection,
-                                         tools=self.tools.schemas(),
-                                         transcription_model=self.config.log.transcription_model
-                                         if self.config.log.transcripts else "")
-        client = clientmod.RealtimeClient(
-            url=c.url, model=c.model, api_key=self.api_key, session_update=update,
-            on_event=lambda event: self._from_client(client, event))
-        self._client = client
-        self.phrases.forget_recordings()
-        if self._retrying is not None:
-            self._retrying.cancel()  # this conversation tries for real
-            self._retrying = None
-
-        async def run() -> None:
-            try:
-                await client.run()
-            finally:
-                if self._client is client:  # it ended without saying so: say it for it
-                    self._from_client(client, clientmod.Disconnected(
-                        "the connection ended without a word (a bug in speakerd)"))
-        self._spawn(run(), "realtime")
-
-    def _close(self, a: s.CloseConnection) -> None:
-        if self._client:
-            self._client.close()
-
-    def _send(self, a: s.Send) -> None:
-        if self._client:
-            self._client.send(a.event)
-
-    def _play(self, a: s.PlayAudio) -> None:
-        assert self.playback
-        self.playback.enqueue(a.pcm, a.response_id)
-
-    def _finish(self, a: s.FinishAudio) -> None:
-        assert self.playback
-        self.playback.finish(a.response_id)
-
-    def _flush(self, a: s.FlushPlayback) -> None:
-        assert self.playback
-        self.playback.flush()
+    def _action_table(self, d: Devices) -> dict[type, Callable[[Any], object]]:
+        """Each action the session returns, and what carries it out."""
+        link, pb = self.link, d.playback
+        return {
+            s.Connect: lambda a: link.connect(self.config, self.tools.schemas(), self.api_key),
+            s.CloseConnection: lambda a: link.close(),
+            s.Send: lambda a: link.send(a.event),
+            s.PlayAudio: lambda a: pb.enqueue(a.pcm, a.response_id),
+            s.FinishAudio: lambda a: pb.finish(a.response_id),
+            s.FlushPlayback: lambda a: pb.flush(),
+            s.PlayCue: self._cue,
+            s.SayPhrase: lambda a: self.sounds and self.sounds.say(a.situation, a.fallback_cue),
+            s.StreamMic: lambda a: link.stream(a.on, d.capture, a.after_frame),
+            s.SetWakeWord: self._set_wake_word,
+            s.ResetWakeWord: lambda a: d.detector.reset(),
+            s.RunTool: self._run_tool,
+            s.StartTimer: self._start_timer,
+            s.CancelTimer: self._cancel_timer,
+            s.SetLeds: lambda a: self.host.show_leds(a.state),
+            # The session's part of the line; the host adds what only it knows (devices,
+            # announcements, a failed reload) around the same state.
+            s.SetStatus: lambda a: self.notifier.status(self.host.status_line()),
+        }
 
     def _cue(self, a: s.PlayCue) -> None:
-        self._play_aside(self._cues[a.name], a.name)
-
-    def _play_aside(self, pcm: bytes, name: str) -> None:
-        """Sound that is not an answer: its "cue:" id keeps it from the session."""
-        assert self.playback
-        rid = f"cue:{name}:{next(self._cue_ids)}"
-        self.playback.enqueue(pcm, rid)
-        self.playback.finish(rid)
-
-    def _say(self, a: s.SayPhrase) -> None:
-        self._retry_in_background(a.situation)
-        got = self.phrases.pcm(a.situation)
-        if got is None:
-            if a.fallback_cue:
-                self._cue(s.PlayCue(a.fallback_cue))
-            return
-        pcm, voice = got
-        log.info("saying the %s phrase (%s, %.1f s)", a.situation, voice,
-                 len(pcm) / protocol.BYTES_PER_MS / 1000,
-                 extra=logmod.fields(event="phrase"))
-        self._play_aside(pcm, f"phrase:{a.situation}")
-
-    def _retry_in_background(self, situation: str) -> None:
-        """The person was told the service cannot be reached: keep trying it quietly, so
-        the journal says when it is back (retries never happen in front of the person)."""
-        if situation != protocol.UNREACHABLE or self._retrying is not None:
-            return
-        self._retrying = self._spawn(reachmod.until_reachable(self.config.realtime.url),
-                                     "realtime-retry")
-        self._retrying.add_done_callback(self._retry_ended)
-
-    def _retry_ended(self, task: asyncio.Task[Any]) -> None:
-        if self._retrying is task:
-            self._retrying = None
-
-    def _stream(self, a: s.StreamMic) -> None:
-        assert self.capture
-        if a.on:
-            self._mic_resampler = resample.Resampler(capmod.RATE, protocol.SAMPLE_RATE)
-        preroll = self.capture.stream(a.on, a.after_frame)
-        if not a.on:
-            self._mic_resampler = None
-        for frame in preroll:
-            self._mic_frame(frame)
+        if self.sounds:
+            self.sounds.cue(a.name)
 
     def _set_wake_word(self, a: s.SetWakeWord) -> None:
-        assert self.detector
-        self.detector.enabled = a.enabled
+        assert self.devices
+        self.devices.detector.enabled = a.enabled
+        # Mute is remembered across restarts where the config asks it to be.
         if self.config.buttons.remember_mute and self.mute_file:
             try:
                 if a.enabled:
@@ -683,8 +425,8 @@ class Daemon:
                 log.warning("could not remember the mute state in %s: %s", self.mute_file, e)
 
     def _reset_wake_word(self, a: s.ResetWakeWord) -> None:
-        assert self.detector
-        self.detector.reset()
+        assert self.devices
+        self.devices.detector.reset()
 
     def _run_tool(self, a: s.RunTool) -> None:
         async def run() -> None:
@@ -713,14 +455,6 @@ class Daemon:
         if handle:
             handle.cancel()
 
-    def _leds(self, a: s.SetLeds) -> None:
-        self._show_leds(a.state)
-
-    def _status(self, a: s.SetStatus) -> None:
-        # a.text is the session's part of the line; status_line() adds what only the
-        # daemon knows (devices, announcements, a failed reload) around the same state.
-        self._show_status()
-
     # --- housekeeping ----------------------------------------------------------------
 
     async def _watchdog(self) -> None:
@@ -732,16 +466,14 @@ class Daemon:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
 
-    # --- the control socket -------------------------------------------------------------
-
     async def _start_control(self) -> None:
         """Listen on the control socket, if there is to be one; a speaker that cannot be
         controlled still speaks, so a path it cannot use is an error, not the end."""
         if not self.control_path:
             log.info("no control socket: run under the unit ($RUNTIME_DIRECTORY), or "
-                     "give --control PATH or $%s", controlmod.ENV)
+                     "give --control PATH or $%s", CONTROL_ENV)
             return
-        control = controlmod.ControlServer(self, self.control_path, spawn=self._spawn)
+        control = controlmod.ControlServer(self.host, self.control_path, spawn=self._spawn)
         try:
             await control.start()
         except OSError as e:
@@ -749,80 +481,9 @@ class Daemon:
             return
         self.control = control
 
-    def announcing(self, on: bool) -> None:
-        """An announcement started or stopped making sound: the LEDs and status say so."""
-        self._show_leds()
-        self._show_status()
-
-    def press(self, button: str) -> None:
-        """A button pressed from elsewhere (the control socket), as if on the GPIO."""
-        self._button(s.ButtonPressed(button))
-
-    async def settled(self) -> None:
-        """Return once the session has handled every input queued so far."""
-        await self._inputs.join()
-
-    async def levels(self, seconds: float) -> dict[str, Any]:
-        """`seconds` of microphone levels and wake-word scores from the capture thread
-        (the control socket's `levels` reply); UnavailableError without a microphone."""
-        mic = self.config.audio.capture_device
-        if "microphone" in self.missing or self.detector is None:
-            raise UnavailableError(f"the microphone '{mic}' is missing: no levels to report")
-        async with self._levels_lock:  # one meter at a time rides on the detector
-            loop = asyncio.get_running_loop()
-            done: asyncio.Future[dict[str, Any]] = loop.create_future()
-
-            def finished(report: dict[str, Any]) -> None:  # in the capture thread
-                loop.call_soon_threadsafe(
-                    lambda: done.done() or done.set_result(report))
-            detector = self.detector
-            meter = levelsmod.Meter(seconds, [(c.name, c.threshold)
-                                              for c in detector.classifiers],
-                                    detector.trigger_level, finished)
-            detector.meter = meter
-            try:
-                # Frames come every 80 ms while the device delivers; a device that
-                # stalls (unplugged mid-way) must not hold the client for ever.
-                report = await asyncio.wait_for(done, seconds + 5)
-            except TimeoutError:
-                raise UnavailableError(f"the microphone '{mic}' delivered too little audio "
-                                       f"in {seconds + 5:.0f} s") from None
-            finally:
-                if detector.meter is meter:
-                    detector.meter = None
-        return {"device": mic, **report}
-
-    def status(self) -> dict[str, Any]:
-        """The control socket's `status` reply (README, "Control socket")."""
-        devices = {}
-        for what, dev in (("microphone", self.capture), ("speaker", self.playback)):
-            got = dev.got if dev else None
-            devices[what] = {"device": dev.device if dev else None,
-                             "format": got and {"rate": got.rate, "channels": got.channels,
-                                                "format": got.format},
-                             "missing": what in self.missing}
-        c = self.config
-        return {
-            "version": __version__, "pid": os.getpid(), "state": self.session.state.value,
-            "status": self.status_line(),
-            "muted": self.session.muted, **self.stats.as_dict(),
-            "wake_word": {"models": [{"name": m.name, "threshold": m.threshold}
-                                     for m in (self.detector.classifiers if self.detector
-                                               else [])],
-                          "threshold": c.wake_word.threshold},
-            "devices": devices, "waiting_for": dict(self.missing),
-            "underruns": self.playback.underruns if self.playback else 0,
-            "overruns": self.capture.overruns if self.capture else 0,
-            "realtime": {"url": c.realtime.url, "model": c.realtime.model},
-            "mcp": self.mcp.status() if self.mcp else [],  # [[mcp]] servers and their tools
-            "announcements": self.announcer.status(),
-        }
-
     def _log_startup(self) -> None:
         c = self.config
         log.info("speakerd %s started: config %s, wake word %s, mic %s, speaker %s, "
                  "model %s at %s", __version__, c.path, ",".join(c.wake_word.models),
                  c.audio.capture_device, c.audio.playback_device, c.realtime.model,
                  c.realtime.url, extra=logmod.fields(state="idle", event="start"))
-
-

@@ -39,3 +39,8 @@ class UnavailableError(SpeakerdError):
 
 class ProtocolError(SpeakerdError):
     """The realtime peer sent something that breaks the protocol."""
+
+
+def refusal(code: str, message: str, **more: object) -> dict[str, object]:
+    """A control-socket reply saying no: its `code` for scripts, `message` for people."""
+    return {"ok": False, "code": code, "error": message, **more}

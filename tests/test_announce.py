@@ -22,9 +22,11 @@ from gpiozero.pins.mock import MockFactory, MockPWMPin
 from openai.types import realtime as rt
 from pydantic import BaseModel, TypeAdapter
 
-from speakerd import announce, control
+from speakerd import announce
 from speakerd import config as configmod
 from speakerd import log as logmod
+from speakerd.announce import runner as announce_runner
+from speakerd.control import client as control
 from speakerd.daemon import Daemon
 from speakerd.leds.patterns import DEFAULT_PATTERNS
 from speakerd.notify import Notifier
@@ -400,22 +402,23 @@ class TestInProcess:
             self, tmp_path, pulse):
         server = RealtimeServer(replies=[voice(600), voice(600)])
         async with in_process(tmp_path, pulse, server) as daemon:
-            lit: list[tuple[float, float, float]] = []
-            rgb = daemon.leds.device.device  # gpiozero's RGBLED on the mock pins
-            daemon.announcing = _spy(daemon.announcing, lambda on: lit.append(rgb.value))
             assert (await daemon.announcer.announce(TEXT))["ok"] is True
             assert list(daemon.leds.history) == ["idle", "audio_playing", "idle"]
             daemon.press("mute")
             await daemon.settled()
             assert (await daemon.announcer.announce(TEXT))["ok"] is True
             assert list(daemon.leds.history)[-3:] == ["muted", "audio_playing", "muted"]
-        # The pins themselves: solid cyan while it spoke, then off, then muted red.
-        assert lit[0] == lit[2] == CYAN.color and lit[1] == (0, 0, 0), lit
-        assert lit[3] == RED.color, lit
+            pins = [daemon.pin_factory.pin(n) for n in (17, 27, 22)]
+        # The pins themselves: off at first, solid cyan while it spoke, then (off, at
+        # once muted) red, cyan while it spoke muted, red again.
+        shown = colors(pins)
+        assert shown[0] == (0, 0, 0)
+        assert [c for c in shown if c != (0, 0, 0)] == [CYAN.color, RED.color, CYAN.color,
+                                                         RED.color], shown
 
     async def test_gives_up_when_a_conversation_outlasts_the_wait(self, tmp_path, pulse,
                                                                   monkeypatch):
-        monkeypatch.setattr(announce, "WAIT_SECONDS", 1.0)
+        monkeypatch.setattr(announce_runner, "WAIT_SECONDS", 1.0)
         server = RealtimeServer()
         async with in_process(tmp_path, pulse, server,
                               "[conversation]\nfollow_up_seconds = 30\n") as daemon:
@@ -464,8 +467,26 @@ class TestInProcess:
         assert server.handshakes == []
 
 
-def _spy(method, before):
-    def call(on: bool) -> None:
-        method(on)
-        before(on)
-    return call
+def colors(pins: list[Any], settle: float = 0.001) -> list[tuple[float, ...]]:
+    """The colours an RGB LED showed, from its mock pins' recorded states: each pin's
+    changes at their times (gpiozero records the time since the pin's last change),
+    the three merged, a colour held shorter than `settle` (pins set one by one) left
+    out, repeats collapsed."""
+    changes: list[tuple[float, int, float]] = []
+    for i, pin in enumerate(pins):
+        t = 0.0
+        for state in pin.states:
+            t += state.timestamp
+            changes.append((t, i, float(state.state)))
+    changes.sort()
+    shown: list[tuple[float, tuple[float, ...]]] = []
+    now = [0.0, 0.0, 0.0]
+    for t, i, value in changes:
+        now[i] = value
+        shown.append((t, tuple(now)))
+    out: list[tuple[float, ...]] = []
+    for (t, color), (t_next, _) in zip(shown, [*shown[1:], (float("inf"), ())],
+                                       strict=True):
+        if t_next - t >= settle and (not out or out[-1] != color):
+            out.append(color)
+    return out

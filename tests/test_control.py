@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from speakerd import control
+from speakerd.control import client as control
+from speakerd.control import server as control_server
 
 from .conftest import ROOT, SPEAKERD, clean_env, need, run_speakerd
 from .notify_socket import NotifySocket
@@ -378,7 +379,7 @@ class TestAbuse:
     async def test_a_one_mib_line_is_refused(self, speaker):
         replies = await asyncio.to_thread(raw, speaker.sock, b"x" * (1 << 20) + b"\n")
         assert replies == [{"ok": False, "code": "too_long",
-                            "error": f"a request is at most {control.MAX_LINE} bytes"}]
+                            "error": f"a request is at most {control_server.MAX_LINE} bytes"}]
         await speaker.wait_log("whose request was longer than 4096 bytes")
 
     async def test_a_client_that_never_sends_is_timed_out(self, speaker):
@@ -392,8 +393,9 @@ class TestAbuse:
             waited = time.monotonic() - started
             assert await asyncio.to_thread(silent.recv, 4096) == b""  # then closed
         assert json.loads(line) == {"ok": False, "code": "timeout",
-                                    "error": f"no request within {control.IDLE_TIMEOUT:.0f} s"}
-        assert control.IDLE_TIMEOUT - 0.5 < waited < control.IDLE_TIMEOUT + 10
+                                    "error": "no request within "
+                                    f"{control_server.IDLE_TIMEOUT:.0f} s"}
+        assert control_server.IDLE_TIMEOUT - 0.5 < waited < control_server.IDLE_TIMEOUT + 10
         await speaker.wait_log("closed a control connection that sent no request")
 
     async def test_twenty_clients_at_once(self, speaker):
@@ -413,13 +415,14 @@ class TestAbuse:
         # The first MAX_CLIENTS were served (and, sending nothing, timed out); the rest
         # were refused at once.
         codes = Counter(r["code"] for r in replies)
-        assert codes == {"busy": 20 - control.MAX_CLIENTS, "timeout": control.MAX_CLIENTS}
+        most = control_server.MAX_CLIENTS
+        assert codes == {"busy": 20 - most, "timeout": most}
         busy = next(r for r in replies if r["code"] == "busy")
         assert busy["error"] == "too many control clients (at most 4); try again"
         assert (await speaker.status())["state"] == "idle"
         # One line for the burst, and its count once a client is served again.
         assert speaker.log.count("refusing control clients: 4 are connected already") == 1
-        assert speaker.log.count(f"refused {20 - control.MAX_CLIENTS} control client(s) "
+        assert speaker.log.count(f"refused {20 - control_server.MAX_CLIENTS} control client(s) "
                                  "while busy") == 1
 
 

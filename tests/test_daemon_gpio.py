@@ -172,7 +172,8 @@ async def test_mute_stops_wake_word_and_mic_until_unmuted(running, tmp_path):
 async def test_the_talk_button_while_muted_says_the_microphone_is_off(running, pulse,
                                                                     tmp_path):
     daemon, server, factory, _ = running
-    await until(lambda: "muted" in daemon.phrases.espeak)  # rendered at start-up
+    await until(lambda: daemon.sounds is not None and daemon.sounds.phrases is not None
+                and "muted" in daemon.sounds.phrases.espeak)  # rendered at start-up
     press(factory, 5)
     await until(lambda: daemon.leds.history[-1] == "muted")
     start = len(pulse.speaker_bytes()) // 2

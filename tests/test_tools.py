@@ -15,10 +15,10 @@ from pydantic import TypeAdapter
 from speakerd import config as configmod
 from speakerd.audio import playback as pb
 from speakerd.audio.cues import make_cues
-from speakerd.daemon import build_tools
 from speakerd.tools import Registry, Tool
 from speakerd.tools import timers as timermod
 from speakerd.tools import volume as volmod
+from speakerd.tools.catalog import build_tools
 
 from .conftest import ROOT, SPEAKERD, clean_env, run_speakerd
 

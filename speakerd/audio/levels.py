@@ -8,11 +8,12 @@ measured while no meter is attached, so idle listening costs what it did.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -23,8 +24,8 @@ MIN_SECONDS = 0.5
 MAX_SECONDS = 30.0  # a levels request holds its client this long at most
 
 
-def dbfs(x: float) -> float:
-    """A level in s16 units -> dB relative to full scale, floored at FLOOR_DBFS."""
+def s16_dbfs(x: float) -> float:
+    """An amplitude in s16 units -> dB relative to full scale, floored at FLOOR_DBFS."""
     return round(max(FLOOR_DBFS, 20 * math.log10(x / FULL_SCALE)) if x > 0 else FLOOR_DBFS,
                  1)
 
@@ -103,11 +104,45 @@ class Meter:
         n = max(1, self._samples)
         return {
             "seconds": round(self.frames * FRAME_SECONDS, 2),
-            "rms_dbfs": dbfs(math.sqrt(self._squares / n)),
-            "peak_dbfs": dbfs(self._peak),
+            "rms_dbfs": s16_dbfs(math.sqrt(self._squares / n)),
+            "peak_dbfs": s16_dbfs(self._peak),
             "clipped": self._clipped,
             "samples": self._samples,
             "dc_offset": round(self._sum / n / FULL_SCALE, 5),  # fraction of full scale
             "wake_word": {"trigger_level": self.trigger_level,
                           "models": [m.as_dict() for m in self.models.values()]},
         }
+
+
+class _Classifier(Protocol):
+    name: str
+    threshold: float
+
+
+class Metered(Protocol):
+    """The wake-word detector, as a meter rides on it."""
+
+    classifiers: Sequence[_Classifier]
+    trigger_level: int
+    meter: Meter | None
+
+
+async def measure(detector: Metered, seconds: float, timeout: float,
+                  start: Callable[[], None] | None = None) -> dict[str, Any]:
+    """`seconds` of what the detector hears, once its capture thread has fed them to a
+    Meter (call `start` to set that thread going); TimeoutError after `timeout`."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[dict[str, Any]] = loop.create_future()
+
+    def finished(report: dict[str, Any]) -> None:  # in the capture thread
+        loop.call_soon_threadsafe(lambda: done.done() or done.set_result(report))
+    meter = Meter(seconds, [(c.name, c.threshold) for c in detector.classifiers],
+                  detector.trigger_level, finished)
+    detector.meter = meter
+    try:
+        if start is not None:
+            start()
+        return await asyncio.wait_for(done, timeout)
+    finally:
+        if detector.meter is meter:
+            detector.meter = None

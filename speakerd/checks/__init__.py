@@ -6,9 +6,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, TextIO
 
-from speakerd import control
 from speakerd.checks import audio, echo, gpio, mcp, realtime, service, settings
 from speakerd.checks.report import Report, ok, skip, warn
+from speakerd.control import client as control
 from speakerd.errors import EX_OK, EX_SOFTWARE
 
 DEFAULT_LISTEN = 5.0
@@ -73,7 +73,5 @@ def _running(report: Report, path: str) -> dict[str, Any] | None:
 
 def _tool_schemas(config: Any) -> list[dict[str, object]]:
     """The tools a conversation would offer, as `speakerd config --show` lists them."""
-    from speakerd.daemon import build_tools
-    from speakerd.tools import timers, volume
-    registry = build_tools(config, volume.Volume("", "", None), timers.Timers())
-    return list(registry.schemas())
+    from speakerd.tools import catalog
+    return list(catalog.listed(config).schemas())

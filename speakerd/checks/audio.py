@@ -12,13 +12,13 @@ from typing import Any
 import alsaaudio
 
 from speakerd import config as configmod
-from speakerd import control
 from speakerd.audio import capture as capmod
 from speakerd.audio import playback as pbmod
 from speakerd.audio.cues import make_cues
 from speakerd.audio.device import DeviceLost, known_pcms, negotiate
-from speakerd.audio.levels import FLOOR_DBFS, Meter
+from speakerd.audio.levels import FLOOR_DBFS, measure
 from speakerd.checks.report import Report, fail, ok, skip, warn
+from speakerd.control import client as control
 from speakerd.errors import UnavailableError
 from speakerd.wakeword import Detector
 
@@ -87,19 +87,12 @@ async def listen(config: configmod.Config, seconds: float) -> dict[str, Any]:
     detector = Detector.from_config(config.wake_word, config.path)
     try:
         detector.warm_up()
-        done: asyncio.Future[dict[str, Any]] = loop.create_future()
-
-        def finished(report: dict[str, Any]) -> None:  # in the capture thread
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(report))
-        detector.meter = Meter(seconds, [(c.name, c.threshold) for c in detector.classifiers],
-                               detector.trigger_level, finished)
         mic = capmod.Capture(config.audio.capture_device, loop=loop,
                              on_frame=lambda frame: None, in_thread=detector.process)
         mic.open()
         prompt(config, seconds)
-        mic.start()
         try:
-            return await asyncio.wait_for(done, seconds + 10)
+            return await measure(detector, seconds, seconds + 10, start=mic.start)
         except TimeoutError:
             raise UnavailableError(f"the microphone delivered too little audio in "
                                    f"{seconds + 10:g} s") from None

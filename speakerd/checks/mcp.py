@@ -8,8 +8,8 @@ import logging
 from typing import Any
 
 from speakerd import config as configmod
-from speakerd import control
 from speakerd.checks.report import Report, ok, warn
+from speakerd.control import client as control
 
 SKIPPED_FIX = ("the server describes those tools' arguments in a way the model cannot be "
                "offered; ask its author, or leave them out with mcp[{i}].tools")
