@@ -333,7 +333,7 @@ def _mcp_servers(raw: Any, path: str) -> tuple[McpServerConfig, ...]:
             if server.transport != "auto":
                 raise ConfigError(path, f"{key}.transport", "is for url servers")
         if server.token_file:
-            _read_key_file(server.token_file, path, f"{key}.token_file", check_mode=True)
+            read_secret_file(server.token_file, path, f"{key}.token_file", check_mode=True)
         servers.append(server)
     return tuple(servers)
 
@@ -600,7 +600,7 @@ def resolve_api_key(config: Config, environ: Mapping[str, str] | None = None) ->
     """
     env = os.environ if environ is None else environ
     if config.realtime.api_key_file:
-        return _read_key_file(config.realtime.api_key_file, config.path,
+        return read_secret_file(config.realtime.api_key_file, config.path,
                               "realtime.api_key_file", check_mode=True)
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     cred = os.path.join(cred_dir, CREDENTIAL_NAME) if cred_dir else ""
@@ -608,13 +608,18 @@ def resolve_api_key(config: Config, environ: Mapping[str, str] | None = None) ->
     # empty means "not set yet", not an error. systemd made this copy for this
     # service alone, so its mode is not ours to check.
     if cred and os.path.exists(cred) and os.path.getsize(cred) > 0:
-        return _read_key_file(cred, config.path, f"credential {CREDENTIAL_NAME}",
+        return read_secret_file(cred, config.path, f"credential {CREDENTIAL_NAME}",
                               check_mode=False)
     key = env.get("OPENAI_API_KEY", "").strip()
     return Secret(key, "$OPENAI_API_KEY") if key else None
 
 
-def _read_key_file(key_path: str, path: str, key: str, *, check_mode: bool) -> Secret:
+def read_secret_file(key_path: str, path: str, key: str, *, check_mode: bool) -> Secret:
+    """The stripped text of `key_path`, named by config file `path` at `key`.
+
+    Raises ConfigError when the file is missing, unreadable, empty or not UTF-8, and
+    with `check_mode`, when group or others may read it (the message gives the chmod).
+    """
     try:
         st = os.stat(key_path)
         if check_mode and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
