@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from speakerd import config
+from speakerd.config import loader
 from speakerd.errors import EX_CONFIG, ConfigError
 
 from .conftest import ROOT, clean_env, run_speakerd
@@ -278,7 +279,7 @@ class TestErrors:
     def test_unreadable_file_as_the_service_user(self, write_config, monkeypatch):
         path = write_config("")
         monkeypatch.setattr(pwd, "getpwuid", lambda uid: SimpleNamespace(pw_name="speakerd"))
-        monkeypatch.setattr(config, "open", _refuse, raising=False)
+        monkeypatch.setattr(loader, "open", _refuse, raising=False)
         with pytest.raises(ConfigError) as e:
             config.load(path)
         assert str(e.value) == (
