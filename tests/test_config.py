@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
+import pkgutil
 import pwd
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from speakerd import config
+from speakerd.config import loader
 from speakerd.errors import EX_CONFIG, ConfigError
 
 from .conftest import ROOT, clean_env, run_speakerd
@@ -278,7 +283,7 @@ class TestErrors:
     def test_unreadable_file_as_the_service_user(self, write_config, monkeypatch):
         path = write_config("")
         monkeypatch.setattr(pwd, "getpwuid", lambda uid: SimpleNamespace(pw_name="speakerd"))
-        monkeypatch.setattr(config, "open", _refuse, raising=False)
+        monkeypatch.setattr(loader, "open", _refuse, raising=False)
         with pytest.raises(ConfigError) as e:
             config.load(path)
         assert str(e.value) == (
@@ -422,3 +427,71 @@ class TestBargeIn:
     def test_wake_word_barge_in_needs_no_echo_cancellation(self, write_config):
         c = config.load(write_config("[audio]\necho_cancellation = 'off'\n"))
         assert c.conversation.barge_in == "wake_word"
+
+
+# Each module of speakerd/config/ and the package modules it may import: imports
+# point down (schema at the bottom), so a new edge is a visible change here.
+LAYERS = {"schema": [], "secrets": ["schema"], "rules": ["schema"],
+          "loader": ["rules", "schema", "secrets"], "show": ["schema", "secrets"]}
+
+
+class TestPackage:
+    def test_layers_name_every_module(self):
+        assert sorted(m.name for m in pkgutil.iter_modules(config.__path__)) == sorted(LAYERS)
+
+    @pytest.mark.parametrize("module", sorted(LAYERS))
+    def test_each_module_imports_alone_in_a_fresh_interpreter(self, module):
+        r = subprocess.run([sys.executable, "-c", f"import speakerd.config.{module}"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert (r.returncode, r.stderr) == (0, "")
+
+    @pytest.mark.parametrize("module", sorted(LAYERS))
+    def test_each_module_imports_only_the_modules_below_it(self, module):
+        # __init__ imports every module, always in one order, so the import above
+        # would not see a circle or a module that works only after another: here
+        # the package is a bare one, and the module brings in what it needs.
+        code = (
+            "import sys, types\n"
+            "package = types.ModuleType('speakerd.config')\n"
+            f"package.__path__ = [{str(ROOT / 'speakerd' / 'config')!r}]\n"
+            "sys.modules['speakerd.config'] = package\n"
+            f"import speakerd.config.{module}\n"
+            "print(sorted(n.rpartition('.')[2] for n in sys.modules\n"
+            "             if n.startswith('speakerd.config.')))\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=ROOT, timeout=60)
+        assert (r.returncode, r.stderr) == (0, "")
+        assert r.stdout == f"{sorted([module, *LAYERS[module]])}\n"
+
+    def test_no_module_uses_a_private_name_of_the_config(self):
+        found = []
+        for file in sorted((ROOT / "speakerd").rglob("*.py")):
+            found += [f"{file.relative_to(ROOT)}:{line}: {name}"
+                      for line, name in _private_config_names(file)]
+        assert found == []
+
+
+def _private_config_names(file: Path) -> list[tuple[int, str]]:
+    """Where `file` imports or reads a _name of speakerd.config or one of its modules."""
+    tree = ast.parse(file.read_text(encoding="utf-8"))
+    aliases: set[str] = set()
+    found: list[tuple[int, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                if _in_config(node.module) and alias.name.startswith("_"):
+                    found.append((node.lineno, full))
+                elif _in_config(full):
+                    aliases.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            aliases |= {a.asname for a in node.names if a.asname and _in_config(a.name)}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in aliases and node.attr.startswith("_")):
+            found.append((node.lineno, f"{node.value.id}.{node.attr}"))
+    return found
+
+
+def _in_config(module: str) -> bool:
+    return module == "speakerd.config" or module.startswith("speakerd.config.")

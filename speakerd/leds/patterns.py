@@ -51,7 +51,7 @@ RING_PATTERNS: dict[str, Pattern] = {
 
 def table(defaults: Mapping[str, Pattern], overrides: Mapping[str, Mapping[str, Any]]
           ) -> dict[str, Pattern]:
-    """The defaults with [leds.patterns] applied (already validated by config.py)."""
+    """The defaults with [leds.patterns] applied (already validated by speakerd.config)."""
     out = dict(defaults)
     for state, spec in overrides.items():
         base = out[state]

@@ -329,7 +329,7 @@ class Manager:
                      lost: bool) -> None:
         token = ""
         if server.token_file:
-            token = configmod._read_key_file(
+            token = configmod.read_secret_file(
                 server.token_file, self.config_path,
                 f"mcp[{self._index.get(server.name, 0)}].token_file", check_mode=True).reveal()
             self.on_secret(token)
