@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,26 @@ def pulse():
     daemon.start()
     yield daemon
     daemon.stop()
+
+
+@contextlib.contextmanager
+def leds_shown() -> Iterator[list[str]]:
+    """What the LEDs were told to show, in order, read off speakerd's own debug lines
+    ("LEDs show listening") while the block runs."""
+    shown: list[str] = []
+
+    class Shown(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("LEDs show "):
+                shown.append(message.removeprefix("LEDs show "))
+
+    logger = logging.getLogger("speakerd.leds")
+    handler, level = Shown(logging.DEBUG), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield shown
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -31,7 +31,7 @@ from speakerd.daemon import Daemon
 from speakerd.leds.patterns import DEFAULT_PATTERNS
 from speakerd.notify import Notifier
 
-from .conftest import ROOT, SPEAKERD, clean_env, need, run_speakerd
+from .conftest import ROOT, SPEAKERD, clean_env, leds_shown, need, run_speakerd
 from .realtime_server import RealtimeServer, Reply, tone
 from .speech import have_espeak, silence, speak
 from .test_control import Controlled, raw
@@ -384,30 +384,31 @@ async def in_process(tmp_path: Path, pulse, server: RealtimeServer, extra: str =
                         redact=logmod.RedactFilter(), pin_factory=factory,
                         api_key=configmod.Secret(KEY, "test") if key else None,
                         state_dir=str(tmp_path))
-        task = asyncio.create_task(daemon.run())
+        with leds_shown() as shown:
+            task = asyncio.create_task(daemon.run())
 
-        async def started() -> bool:
-            return list(daemon.leds.history) == ["idle"]
-        await until(started)
-        try:
-            yield daemon
-        finally:
-            daemon.request_stop()
-            assert await asyncio.wait_for(task, 20) == 0
-            factory.reset()
+            async def started() -> bool:
+                return shown == ["idle"]
+            await until(started)
+            try:
+                yield daemon, shown
+            finally:
+                daemon.request_stop()
+                assert await asyncio.wait_for(task, 20) == 0
+                factory.reset()
 
 
 class TestInProcess:
     async def test_the_leds_show_speaking_while_it_plays_then_what_they_showed(
             self, tmp_path, pulse):
         server = RealtimeServer(replies=[voice(600), voice(600)])
-        async with in_process(tmp_path, pulse, server) as daemon:
+        async with in_process(tmp_path, pulse, server) as (daemon, shown):
             assert (await daemon.announcer.announce(TEXT))["ok"] is True
-            assert list(daemon.leds.history) == ["idle", "audio_playing", "idle"]
+            assert list(shown) == ["idle", "audio_playing", "idle"]
             daemon.press("mute")
             await daemon.settled()
             assert (await daemon.announcer.announce(TEXT))["ok"] is True
-            assert list(daemon.leds.history)[-3:] == ["muted", "audio_playing", "muted"]
+            assert list(shown)[-3:] == ["muted", "audio_playing", "muted"]
             pins = [daemon.pin_factory.pin(n) for n in (17, 27, 22)]
         # The pins themselves: off at first, solid cyan while it spoke, then (off, at
         # once muted) red, cyan while it spoke muted, red again.
@@ -421,7 +422,7 @@ class TestInProcess:
         monkeypatch.setattr(announce_runner, "WAIT_SECONDS", 1.0)
         server = RealtimeServer()
         async with in_process(tmp_path, pulse, server,
-                              "[conversation]\nfollow_up_seconds = 30\n") as daemon:
+                              "[conversation]\nfollow_up_seconds = 30\n") as (daemon, _shown):
             daemon.press("talk")
 
             async def listening() -> bool:
@@ -441,7 +442,7 @@ class TestInProcess:
         # button is pressed in that gap, before anything was heard.
         server = RealtimeServer(reject_status=[503], replies=[voice(600)])
         async with in_process(tmp_path, pulse, server,
-                              "[conversation]\nfollow_up_seconds = 1\n") as daemon:
+                              "[conversation]\nfollow_up_seconds = 1\n") as (daemon, shown):
             pending = asyncio.create_task(daemon.announcer.announce(TEXT))
 
             async def turned_away() -> bool:
@@ -449,7 +450,7 @@ class TestInProcess:
             await until(turned_away)
             daemon.press("talk")
             reply = await pending
-            history = list(daemon.leds.history)
+            history = list(shown)
         assert reply["ok"] is True, reply
         assert reply["waited_ms"] >= 1000  # the whole conversation, follow-up included
         # The conversation first, then the announcement: never both at once.
@@ -459,7 +460,7 @@ class TestInProcess:
 
     async def test_no_api_key(self, tmp_path, pulse):
         server = RealtimeServer()
-        async with in_process(tmp_path, pulse, server, key=False) as daemon:
+        async with in_process(tmp_path, pulse, server, key=False) as (daemon, _shown):
             reply = await daemon.announcer.announce(TEXT)
         assert reply == {"ok": False, "code": "no_api_key", "error":
                          "no API key configured (realtime.api_key_file, the systemd "

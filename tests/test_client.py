@@ -19,6 +19,8 @@ from speakerd.realtime.client import Backoff, Disconnected, Ready, RealtimeClien
 from .realtime_server import RealtimeServer, Reply, tone
 
 KEY = "test-key-NOT-sk-shaped-0123456789abcdef"
+# Any event the client may carry: it sends what it is given.
+COMMIT = {"type": "input_audio_buffer.commit"}
 
 
 class Injected(Exception):
@@ -113,7 +115,7 @@ class TestSession:
         said = tone(400, 220)
         for i in range(0, len(said), 3840):
             h.client.append_audio(said[i:i + 3840])
-        h.client.send(p.input_audio_commit())
+        h.client.send(COMMIT)
         done = await h.next(p.ResponseDone)
         got = b"".join(e.pcm for e in h.seen if isinstance(e, p.AudioDelta))
         assert got == answer
@@ -260,7 +262,7 @@ class TestFailures:
         server.replies.append(Reply(audio_ms=3000, drop_after_ms=500, reset=reset))
         h = Harness(server.url)
         await h.next(Ready)
-        h.client.send(p.input_audio_commit())
+        h.client.send(COMMIT)
         gone = await h.ended(timeout=5)
         assert gone == Disconnected("connection lost without a close frame")
         assert h.audio() == tone(3000)[:len(tone(500))]  # all that came before the drop
@@ -283,7 +285,7 @@ class TestFailures:
                                     close_reason=why))
         h = Harness(server.url)
         await h.next(Ready)
-        h.client.send(p.input_audio_commit())
+        h.client.send(COMMIT)
         gone = await h.ended(timeout=5)
         assert gone == Disconnected(reason)
         assert h.audio() == tone(6000)[:len(tone(2000))]  # all that came before the close
@@ -312,7 +314,7 @@ class TestFailures:
         h = Harness(server.url, fail_on=fail_on)
         if fail_on is not Ready:
             await h.next(Ready)
-            h.client.send(p.input_audio_commit())
+            h.client.send(COMMIT)
             await h.next(p.AudioDelta)
         if fail_on is Disconnected:
             h.client.close()
@@ -335,7 +337,7 @@ class TestFailures:
         server.replies.append(Reply(audio_ms=4000, speed=1))
         h = Harness(server.url)
         await h.next(Ready)
-        h.client.send(p.input_audio_commit())
+        h.client.send(COMMIT)
         await h.next(p.AudioDelta)
         h.task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -422,7 +424,7 @@ async def test_key_never_reaches_the_log_even_at_debug(server, capsys):
     try:
         h = Harness(server.url)
         await h.next(Ready)
-        h.client.send(p.input_audio_commit())
+        h.client.send(COMMIT)
         await h.next(p.ResponseDone)
         await h.finish()
     finally:

@@ -18,7 +18,7 @@ from speakerd import log as logmod
 from speakerd.daemon import Daemon
 from speakerd.notify import Notifier
 
-from .conftest import need
+from .conftest import leds_shown, need
 from .realtime_server import RealtimeServer, Reply
 from .speech import have_espeak, silence, speak, write_wav
 from .test_e2e_phrases import espeak_pcm, heard_phrase
@@ -65,18 +65,19 @@ async def daemon_on(tmp_path, pulse, factory: MockFactory, gpio_toml: str):
         daemon = Daemon(configmod.load(path), notifier=Notifier({}),
                         redact=logmod.RedactFilter(), pin_factory=factory,
                         state_dir=str(tmp_path))
-        task = asyncio.create_task(daemon.run())
-        await until(lambda: list(daemon.leds.history) == ["idle"])
+        with leds_shown() as shown:
+            task = asyncio.create_task(daemon.run())
+            await until(lambda: shown == ["idle"])
 
-        def say(x: np.ndarray, name: str):
-            return pulse.play_into_mic(write_wav(tmp_path / f"{name}.wav", x))
+            def say(x: np.ndarray, name: str):
+                return pulse.play_into_mic(write_wav(tmp_path / f"{name}.wav", x))
 
-        try:
-            yield daemon, server, factory, say
-        finally:
-            daemon.request_stop()
-            assert await asyncio.wait_for(task, 20) == 0
-            factory.reset()
+            try:
+                yield daemon, server, factory, say, shown
+            finally:
+                daemon.request_stop()
+                assert await asyncio.wait_for(task, 20) == 0
+                factory.reset()
 
 
 def press(factory: MockFactory, pin: int) -> None:
@@ -92,17 +93,17 @@ def request(text: str) -> np.ndarray:
 
 
 async def test_leds_follow_a_two_turn_conversation(running):
-    daemon, server, factory, say = running
+    _daemon, server, factory, say, shown = running
     say(request("what is the weather today"), "one")
-    await until(lambda: daemon.leds.history.count("listening") == 2)
+    await until(lambda: shown.count("listening") == 2)
     assert factory.pin(22).state == 1 and factory.pin(27).state == 0  # listening: blue
     say(np.concatenate([speak("and tomorrow"), silence(2)]), "two")
-    await until(lambda: daemon.leds.history.count("listening") >= 3)
-    await until(lambda: daemon.leds.history[-1] == "idle")
+    await until(lambda: shown.count("listening") >= 3)
+    await until(lambda: shown[-1] == "idle")
     # The fixture's energy VAD may split an utterance in two: one turn per commit.
     turns = [e["type"] for e in server.sent].count("input_audio_buffer.committed")
     assert turns >= 2
-    assert list(daemon.leds.history) == [
+    assert list(shown) == [
         "idle", "connecting", "listening",
         *["thinking", "responding", "audio_playing", "listening"] * turns, "idle"]
     assert (factory.pin(17).state, factory.pin(27).state, factory.pin(22).state) == (0, 0, 0)
@@ -128,15 +129,15 @@ def ring_look(pixels) -> str:
 
 
 async def test_ring_follows_a_two_turn_conversation(running_ring):
-    daemon, server, _, say, wire = running_ring
+    _daemon, server, _, say, shown, wire = running_ring
     say(request("what is the weather today"), "one")
-    await until(lambda: daemon.leds.history.count("listening") == 2)
+    await until(lambda: shown.count("listening") == 2)
     say(np.concatenate([speak("and tomorrow"), silence(2)]), "two")
-    await until(lambda: daemon.leds.history.count("listening") >= 3)
-    await until(lambda: daemon.leds.history[-1] == "idle")
+    await until(lambda: shown.count("listening") >= 3)
+    await until(lambda: shown[-1] == "idle")
     await until(lambda: wire.pixels()[-1] == (OFF,) * 3)
     turns = [e["type"] for e in server.sent].count("input_audio_buffer.committed")
-    history = list(daemon.leds.history)
+    history = list(shown)
     assert history == ["idle", "connecting", "listening",
                        *["thinking", "responding", "audio_playing", "listening"] * turns,
                        "idle"]
@@ -155,15 +156,15 @@ async def test_ring_follows_a_two_turn_conversation(running_ring):
 
 
 async def test_mute_stops_wake_word_and_mic_until_unmuted(running, tmp_path):
-    daemon, server, factory, say = running
+    _daemon, server, factory, say, shown = running
     press(factory, 5)
-    await until(lambda: daemon.leds.history[-1] == "muted")
+    await until(lambda: shown[-1] == "muted")
     assert factory.pin(17).state == 1  # solid red
     assert (tmp_path / "muted").exists()  # remember_mute
     say(request("are you there"), "muted").wait(30)
     assert server.handshakes == []  # the wake word was not heard while muted
     press(factory, 5)
-    await until(lambda: daemon.leds.history[-1] == "idle")
+    await until(lambda: shown[-1] == "idle")
     assert not (tmp_path / "muted").exists()
     say(request("what time is it"), "unmuted")
     await until(lambda: len(server.handshakes) == 1)
@@ -171,27 +172,27 @@ async def test_mute_stops_wake_word_and_mic_until_unmuted(running, tmp_path):
 
 async def test_the_talk_button_while_muted_says_the_microphone_is_off(running, pulse,
                                                                     tmp_path):
-    daemon, server, factory, _ = running
+    daemon, server, factory, _, shown = running
     await until(lambda: daemon.sounds is not None and daemon.sounds.phrases is not None
                 and "muted" in daemon.sounds.phrases.espeak)  # rendered at start-up
     press(factory, 5)
-    await until(lambda: daemon.leds.history[-1] == "muted")
+    await until(lambda: shown[-1] == "muted")
     start = len(pulse.speaker_bytes()) // 2
     press(factory, 6)
     phrase = espeak_pcm("The microphone is off.", tmp_path)
     _, _, match = await heard_phrase(pulse, start, phrase)
     assert match > 0.99
     assert server.handshakes == []  # no conversation: the microphone is off
-    assert daemon.leds.history[-1] == "muted"
+    assert shown[-1] == "muted"
 
 
 async def test_mute_during_a_conversation_closes_the_mic(running):
-    daemon, server, factory, say = running
+    _daemon, server, factory, say, shown = running
     say(np.concatenate([silence(0.5), speak("hey jarvis", "en-gb"), silence(0.3)]), "wake")
-    await until(lambda: daemon.leds.history[-1] == "listening")
+    await until(lambda: shown[-1] == "listening")
     await until(lambda: len(server.of_type("input_audio_buffer.append")) > 5)
     press(factory, 5)
-    await until(lambda: daemon.leds.history[-1] == "muted")
+    await until(lambda: shown[-1] == "muted")
     sent = len(server.of_type("input_audio_buffer.append"))
     say(np.concatenate([speak("this must not be sent anywhere"), silence(0.5)]),
         "private").wait(30)
@@ -199,14 +200,14 @@ async def test_mute_during_a_conversation_closes_the_mic(running):
 
 
 async def test_talk_button_starts_without_a_wake_word(running):
-    daemon, server, factory, _ = running
+    _daemon, server, factory, _, shown = running
     press(factory, 6)
     await until(lambda: len(server.handshakes) == 1)
-    await until(lambda: daemon.leds.history[-1] == "listening")
+    await until(lambda: shown[-1] == "listening")
 
 
 async def test_a_bug_in_the_session_is_logged_and_the_speaker_starts_over(running, caplog):
-    daemon, server, factory, _ = running
+    daemon, server, factory, _, _shown = running
 
     class Boom:
         """An input the rules cannot handle: what a bug in them looks like."""

@@ -38,8 +38,6 @@ BUILT = {
             "type": "function", "name": "get_time", "description": "The local time.",
             "parameters": {"type": "object", "properties": {}}}]),
     "input_audio_buffer.append": p.input_audio_append(b"\x01\x00\x02\x00"),
-    "input_audio_buffer.commit": p.input_audio_commit(),
-    "input_audio_buffer.clear": p.input_audio_clear(),
     "conversation.item.create": p.function_call_output("call_1", '{"ok": true}'),
     "conversation.item.truncate": p.item_truncate("item_1", 0, 1234),
     "response.create": p.response_create(),

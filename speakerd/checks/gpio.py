@@ -58,10 +58,10 @@ def _leds(report: Report, leds: configmod.LedsConfig, pin_factory: Any) -> None:
 
 
 def _ring(report: Report, leds: configmod.LedsConfig, pin_factory: Any) -> None:
-    from speakerd.leds import _factory
+    from speakerd.leds import pin_factory_or_default
     what = f"LED ring ({describe(leds)})"
     try:
-        ring = Ring(leds, _factory(pin_factory))
+        ring = Ring(leds, pin_factory_or_default(pin_factory))
     except (GPIOZeroError, OSError, RuntimeError) as e:
         report.add(fail("LEDs", f"{what}: cannot open: {type(e).__name__}: {e}", ACCESS_FIX))
         return

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import logging
 import warnings
 from typing import Any
@@ -30,8 +29,7 @@ class Leds:
         ring = config.kind == "apa102"
         self.patterns = table(RING_PATTERNS if ring else DEFAULT_PATTERNS, config.patterns)
         self.device: GpioLeds | Ring | None = None
-        self.state = ""
-        self.history: collections.deque[str] = collections.deque(maxlen=200)
+        self.state = ""  # the pattern shown, by its state's name
         if ring:
             what = f"LED ring ({describe(config)})"
         elif config.pins:
@@ -42,7 +40,7 @@ class Leds:
             with warnings.catch_warnings(record=True) as caught:
                 # gpiozero warns once per pin factory it tries; our one line says it all.
                 warnings.simplefilter("always")
-                self.device = (Ring(config, _factory(pin_factory)) if ring
+                self.device = (Ring(config, pin_factory_or_default(pin_factory)) if ring
                                else GpioLeds(config, pin_factory))
         except (GPIOZeroError, OSError, RuntimeError) as e:
             log.warning("%s %s off: no GPIO access here (%s: %s); speakerd runs on "
@@ -55,8 +53,8 @@ class Leds:
                             "software on the same pins", what, w.message)
 
     def show(self, state: str) -> None:
+        log.debug("LEDs show %s", state)
         self.state = state
-        self.history.append(state)
         if self.device is not None:
             self.device.show(self.patterns.get(state, self.patterns["idle"]))
 
@@ -66,7 +64,7 @@ class Leds:
             self.device = None
 
 
-def _factory(pin_factory: Any) -> Any:
+def pin_factory_or_default(pin_factory: Any) -> Any:
     """The given pin factory, else gpiozero's default one (raising when there is none)."""
     if pin_factory is not None:
         return pin_factory

@@ -66,14 +66,6 @@ def input_audio_append(pcm: bytes) -> dict[str, Any]:
     return _event("input_audio_buffer.append", audio=base64.b64encode(pcm).decode("ascii"))
 
 
-def input_audio_commit() -> dict[str, Any]:
-    return _event("input_audio_buffer.commit")
-
-
-def input_audio_clear() -> dict[str, Any]:
-    return _event("input_audio_buffer.clear")
-
-
 def function_call_output(call_id: str, output: str) -> dict[str, Any]:
     return _event("conversation.item.create", item={
         "type": "function_call_output", "call_id": call_id, "output": output})
