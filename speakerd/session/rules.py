@@ -17,7 +17,7 @@ from typing import Any
 from speakerd.realtime import protocol as p
 from speakerd.realtime.protocol import Severity
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("speakerd.session")  # the journal name it has always had
 
 
 class State(enum.Enum):
