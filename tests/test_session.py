@@ -12,6 +12,7 @@ import pytest
 from speakerd import session as s
 from speakerd.realtime import protocol as p
 from speakerd.session import State
+from speakerd.session.conversation import Turn
 
 SETTINGS = s.Settings(follow_up_seconds=8.0, follow_up_guard_ms=150, max_session_seconds=600,
                       audio_margin_seconds=2.0)
@@ -273,7 +274,7 @@ class TestFailureThree:
         elif end == "shutdown":
             out = c.feed(s.EndRequested("shutdown"))
         else:
-            c.s.conv.turns.append(s._Turn("r0", {"c9"}))
+            c.s.conv.turns.append(Turn("r0", {"c9"}))
             out = c.feed(s.ToolDone("c9", "{}", end_conversation=True))
             out = [a for a in out if a[0] != "send"]
         assert out == []

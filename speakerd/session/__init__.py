@@ -1,4 +1,62 @@
-"""The conversation as a sans-I/O state machine: (state, input) -> actions, nothing else."""
+"""The conversation as a sans-I/O state machine: (state, input) -> actions, nothing else.
 
-from speakerd.session.rules import *  # noqa: F403
-from speakerd.session.rules import _Turn, log  # noqa: F401
+`events` holds the vocabulary (states, inputs, actions, settings), `rules` the table
+and the Session that applies it, `handlers` what each input does, `conversation` what
+a conversation remembers. Everything the rest of speakerd uses is importable from here.
+"""
+
+from speakerd.session.events import (
+    STATUS,
+    Action,
+    ButtonPressed,
+    CancelTimer,
+    CloseConnection,
+    Connect,
+    Disconnected,
+    EndRequested,
+    FinishAudio,
+    FlushPlayback,
+    PlayAudio,
+    PlaybackDrained,
+    PlaybackFlushed,
+    PlayCue,
+    ResetWakeWord,
+    RunTool,
+    SayPhrase,
+    Send,
+    SessionReady,
+    SetLeds,
+    SetStatus,
+    Settings,
+    SetWakeWord,
+    StartTimer,
+    State,
+    StreamMic,
+    TimerFired,
+    ToolDone,
+    VoiceHeard,
+    WakeWordDetected,
+    status_text,
+)
+from speakerd.session.rules import (
+    IGNORED,
+    TABLE,
+    BadTransition,
+    Kind,
+    Rule,
+    Session,
+    UnhandledInput,
+    button,
+    kind_of,
+    timer,
+)
+
+__all__ = [
+    "IGNORED", "STATUS", "TABLE", "Action", "BadTransition", "ButtonPressed", "CancelTimer",
+    "CloseConnection", "Connect", "Disconnected", "EndRequested", "FinishAudio",
+    "FlushPlayback", "Kind", "PlayAudio", "PlayCue", "PlaybackDrained", "PlaybackFlushed",
+    "ResetWakeWord", "Rule", "RunTool", "SayPhrase", "Send", "Session", "SessionReady",
+    "SetLeds", "SetStatus", "SetWakeWord", "Settings", "StartTimer", "State", "StreamMic",
+    "TimerFired", "ToolDone", "UnhandledInput", "VoiceHeard", "WakeWordDetected", "button",
+    "kind_of", "status_text", "timer",
+]
