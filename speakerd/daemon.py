@@ -67,9 +67,6 @@ def session_settings(c: configmod.Config) -> s.Settings:
                       transcripts=c.log.transcripts, barge_in=c.conversation.barge_in)
 
 
-WAKE_WORD_IGNORED = (s.State.CONNECTING, s.State.LISTENING)
-
-
 class _PlaybackGain:
     """The software gain of the playback path, as the volume control's fallback."""
 
@@ -362,16 +359,13 @@ class Daemon:
             self._inputs.task_done()  # settled() waits for this
 
     def _pace_detector(self) -> None:
-        # While connecting and while the person speaks the session ignores the wake
-        # word: not running the models then keeps a slow Pi's capture thread up
-        # with the speech that matters. It runs again from THINKING, so it has
-        # refilled its windows by the time the answer plays and can barge in.
         if self.detector:
-            self.detector.needed = self.session.state not in WAKE_WORD_IGNORED
+            self.detector.needed = self.session.wake_word_needed
 
     def _start_over(self) -> None:
         muted = self.session.muted
-        self.session = s.Session(session_settings(self.config), muted=muted)
+        self.session = s.Session(session_settings(self.config), muted=muted,
+                                 announcing=self.announcer.speaking)
         self._cancel_timers()
         if self._client:
             self._client.close()
@@ -479,9 +473,8 @@ class Daemon:
         " (muted)"; then a failed reload, said until a reload succeeds."""
         doing = next((f"waiting for {what} '{self.missing[what]}'"
                       for what in ("microphone", "speaker") if what in self.missing), "")
-        if not doing and self.announcer.speaking and self.session.state is s.State.IDLE:
-            doing = "announcing"
-        line = s.status_text(self.session.state, self.session.muted, doing)
+        line = (s.status_text(self.session.state, self.session.muted, doing) if doing
+                else self.session.status)
         if self._reload_failed:
             line += "; config reload failed, old config kept"
         return line
@@ -489,15 +482,10 @@ class Daemon:
     def _show_status(self) -> None:
         self.notifier.status(self.status_line())
 
-    def _show_leds(self, state: str | None = None) -> None:
-        if self.missing:
-            self.leds.show("error")
-        elif self.announcer.speaking and self.session.state is s.State.IDLE:
-            self.leds.show("audio_playing")  # an announcement: speaking, as in an answer
-        elif self.session.muted and self.session.state is s.State.IDLE:
-            self.leds.show("muted")
-        else:
-            self.leds.show(state or self.session.state.value)
+    def _show_leds(self, pattern: str | None = None) -> None:
+        # The session decides what the lights show; a missing device, which only the
+        # daemon knows of, shows over it.
+        self.leds.show("error" if self.missing else pattern or self.session.leds)
 
     def _drained(self, rid: str) -> None:
         if rid.startswith(announcemod.PREFIX):
@@ -714,11 +702,11 @@ class Daemon:
             handle.cancel()
 
     def _leds(self, a: s.SetLeds) -> None:
-        self._show_leds(a.state)
+        self._show_leds(a.pattern)
 
     def _status(self, a: s.SetStatus) -> None:
         # a.text is the session's part of the line; status_line() adds what only the
-        # daemon knows (devices, announcements, a failed reload) around the same state.
+        # daemon knows (a missing device, a failed reload) around the same state.
         self._show_status()
 
     # --- housekeeping ----------------------------------------------------------------
@@ -750,9 +738,11 @@ class Daemon:
         self.control = control
 
     def announcing(self, on: bool) -> None:
-        """An announcement started or stopped making sound: the LEDs and status say so."""
-        self._show_leds()
-        self._show_status()
+        """An announcement started or stopped making sound: the session says what the
+        LEDs and the status show now. Handled at once, not queued, so that the lights
+        change with the sound; it changes nothing else in the session."""
+        for action in self.session.handle(s.AnnouncementPlaying(on)):
+            self._handlers[type(action)](action)
 
     def press(self, button: str) -> None:
         """A button pressed from elsewhere (the control socket), as if on the GPIO."""

@@ -8,6 +8,7 @@ a conversation remembers. Everything the rest of speakerd uses is importable fro
 from speakerd.session.events import (
     STATUS,
     Action,
+    AnnouncementPlaying,
     ButtonPressed,
     CancelTimer,
     CloseConnection,
@@ -41,6 +42,7 @@ from speakerd.session.events import (
 from speakerd.session.rules import (
     IGNORED,
     TABLE,
+    WAKE_WORD_RESTS,
     BadTransition,
     Kind,
     Rule,
@@ -52,11 +54,12 @@ from speakerd.session.rules import (
 )
 
 __all__ = [
-    "IGNORED", "STATUS", "TABLE", "Action", "BadTransition", "ButtonPressed", "CancelTimer",
-    "CloseConnection", "Connect", "Disconnected", "EndRequested", "FinishAudio",
-    "FlushPlayback", "Kind", "PlayAudio", "PlayCue", "PlaybackDrained", "PlaybackFlushed",
-    "ResetWakeWord", "Rule", "RunTool", "SayPhrase", "Send", "Session", "SessionReady",
-    "SetLeds", "SetStatus", "SetWakeWord", "Settings", "StartTimer", "State", "StreamMic",
-    "TimerFired", "ToolDone", "UnhandledInput", "VoiceHeard", "WakeWordDetected", "button",
-    "kind_of", "status_text", "timer",
+    "IGNORED", "STATUS", "TABLE", "WAKE_WORD_RESTS", "Action", "AnnouncementPlaying",
+    "BadTransition", "ButtonPressed", "CancelTimer", "CloseConnection", "Connect",
+    "Disconnected", "EndRequested", "FinishAudio", "FlushPlayback", "Kind", "PlayAudio",
+    "PlayCue", "PlaybackDrained", "PlaybackFlushed", "ResetWakeWord", "Rule", "RunTool",
+    "SayPhrase", "Send", "Session", "SessionReady", "SetLeds", "SetStatus", "SetWakeWord",
+    "Settings", "StartTimer", "State", "StreamMic", "TimerFired", "ToolDone",
+    "UnhandledInput", "VoiceHeard", "WakeWordDetected", "button", "kind_of", "status_text",
+    "timer",
 ]

@@ -47,11 +47,12 @@ class Core:
     """The session's memory, and what its handlers share."""
 
     def __init__(self, settings: Settings | None = None, *, strict: bool = False,
-                 muted: bool = False) -> None:
+                 muted: bool = False, announcing: bool = False) -> None:
         self.settings = settings or Settings()
         self.strict = strict
         self.state = State.IDLE
         self.muted = muted
+        self.announcing = announcing  # an announcement is making sound
         self.conv: Conversation | None = None
         self.count = 0
         self._tokens: dict[str, int] = {}

@@ -82,6 +82,15 @@ class EndRequested:
     reason: str  # "shutdown", ...
 
 
+@dataclass(frozen=True, slots=True)
+class AnnouncementPlaying:
+    """An announcement started (on) or stopped (off) making sound. Announcements are
+    not the conversation's, but what the LEDs and the status show is: while idle,
+    they show it speaking."""
+
+    on: bool
+
+
 # --- actions: commands ---------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +175,11 @@ class CancelTimer:
 
 @dataclass(frozen=True, slots=True)
 class SetLeds:
-    state: str  # a State value, or "muted"
+    """Show this LED pattern: a State value, "muted" (idle and muted), or
+    "audio_playing" while idle for an announcement. Precedence over all of these is
+    the shell's: a missing audio device shows "error", which the session cannot know."""
+
+    pattern: str
 
 
 @dataclass(frozen=True, slots=True)

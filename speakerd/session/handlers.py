@@ -14,6 +14,7 @@ from speakerd.realtime.protocol import Severity
 from speakerd.session.conversation import Conversation
 from speakerd.session.core import Core, Next, end_reason, log, what
 from speakerd.session.events import (
+    AnnouncementPlaying,
     ButtonPressed,
     CloseConnection,
     Connect,
@@ -360,7 +361,7 @@ class Handlers(Core):
     def _error_over(self, inp: TimerFired) -> Next:
         return State.IDLE, "error shown"
 
-    # --- mute ------------------------------------------------------------------------
+    # --- mute and announcements --------------------------------------------------------
 
     def _mute(self, inp: ButtonPressed) -> Next:
         """No conversation: mute or unmute, nothing else."""
@@ -390,5 +391,9 @@ class Handlers(Core):
         log.info("microphone %s", "muted" if self.muted else "unmuted",
                  extra={"SPEAKERD_EVENT": "mute" if self.muted else "unmute"})
         return self.muted
+
+    def _announcement(self, inp: AnnouncementPlaying) -> Next:
+        self.announcing = inp.on
+        return None
 
 

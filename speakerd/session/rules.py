@@ -18,6 +18,7 @@ from speakerd.realtime import protocol as p
 from speakerd.session.core import Next
 from speakerd.session.events import (
     Action,
+    AnnouncementPlaying,
     ButtonPressed,
     Disconnected,
     EndRequested,
@@ -96,14 +97,27 @@ class Session(Handlers):
 
     @property
     def leds(self) -> str:
-        """The LED pattern: the state's own, except "muted" while idle and muted."""
-        if self.state is State.IDLE and self.muted:
-            return "muted"
+        """The LED pattern: the state's own, except while idle, where an announcement
+        speaking shows as audio_playing and otherwise mute shows. (A missing audio
+        device is the shell's to show, over this: see SetLeds.)"""
+        if self.state is State.IDLE:
+            if self.announcing:
+                return State.AUDIO_PLAYING.value  # speaking, as in an answer
+            if self.muted:
+                return "muted"
         return self.state.value
 
     @property
     def status(self) -> str:
-        return status_text(self.state, self.muted)
+        """The status line (a missing device, which only the shell knows, goes first)."""
+        doing = "announcing" if self.announcing and self.state is State.IDLE else ""
+        return status_text(self.state, self.muted, doing)
+
+    @property
+    def wake_word_needed(self) -> bool:
+        """Whether the wake-word models must run now; where the session would ignore a
+        detection they may rest (see WAKE_WORD_RESTS)."""
+        return self.state not in WAKE_WORD_RESTS
 
     # --- the one entry point --------------------------------------------------------
 
@@ -153,7 +167,7 @@ class Session(Handlers):
                  extra={"SPEAKERD_STATE": state.value, "SPEAKERD_SESSION": str(number)})
 
     def _show(self, state: State, leds: str, status: str) -> None:
-        """Every state change is shown once; so is a change of mute."""
+        """Every state change is shown once; so is a change of mute or announcement."""
         moved = self.state is not state
         if moved or self.leds != leds:
             self._emit(SetLeds(self.leds))
@@ -277,6 +291,9 @@ TABLE: dict[State, dict[Kind, Rule]] = {
         button("mute"): go(Session._mute, S.ERROR),
     },
 }
+# What the lights and the status show depends on an announcement, in every state.
+for _state, _rules in TABLE.items():
+    _rules[AnnouncementPlaying] = go(Session._announcement, _state)
 
 # Inputs a state receives in normal operation and deliberately does nothing with:
 # late events of a conversation that is over, cues draining, events of no interest.
@@ -307,6 +324,12 @@ IGNORED: dict[State, tuple[Kind, ...]] = {
     S.AUDIO_PLAYING: (p.SpeechStarted, p.SpeechStopped, SessionReady, p.OutputItemAdded,
                       p.AudioDelta, p.AudioDone, p.SessionUpdated),
 }
+
+# While connecting and while the person speaks the session ignores the wake word: the
+# models may rest then, which keeps a slow Pi's capture thread up with the speech that
+# matters. They run again from THINKING (ignored there too, but they need their windows
+# refilled by the time the answer plays, to barge in), and in ERROR (IDLE follows).
+WAKE_WORD_RESTS = frozenset({S.CONNECTING, S.LISTENING})
 
 
 def _ordered(states: frozenset[State]) -> list[State]:
