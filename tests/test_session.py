@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import logging
 from pathlib import Path
 
@@ -709,3 +710,21 @@ def test_strict_mode_refuses_an_input_the_table_does_not_know():
     c = Conv()
     with pytest.raises(s.UnhandledInput, match="can't handle object in state idle"):
         c.s.handle(object())
+
+
+TABLE_FILE = Path(__file__).with_name("session_table.txt")
+REGENERATE = (""".venv/bin/python -c 'from speakerd.session import table_text; """
+              """print(table_text(), end="")' > tests/session_table.txt""")
+
+
+def test_the_transition_table_is_the_one_checked_in():
+    # A change to a transition must show as a diff in review, not hide in a handler.
+    want, got = TABLE_FILE.read_text(), s.table_text()
+    if got != want:
+        diff = "".join(difflib.unified_diff(
+            want.splitlines(keepends=True), got.splitlines(keepends=True),
+            "tests/session_table.txt", "speakerd.session.table_text()"))
+        pytest.fail(f"the session's transitions are not those checked in:\n{diff}\n"
+                    f"If the change is meant, regenerate the file (from the repository) "
+                    f"and commit it with the change:\n  {REGENERATE}",
+                    pytrace=False)

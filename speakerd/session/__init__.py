@@ -50,6 +50,7 @@ from speakerd.session.rules import (
     UnhandledInput,
     button,
     kind_of,
+    table_text,
     timer,
 )
 
@@ -61,5 +62,5 @@ __all__ = [
     "SayPhrase", "Send", "Session", "SessionReady", "SetLeds", "SetStatus", "SetWakeWord",
     "Settings", "StartTimer", "State", "StreamMic", "TimerFired", "ToolDone",
     "UnhandledInput", "VoiceHeard", "WakeWordDetected", "button", "kind_of", "status_text",
-    "timer",
+    "table_text", "timer",
 ]
