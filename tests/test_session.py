@@ -6,6 +6,8 @@ import ast
 import dataclasses
 import difflib
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -694,16 +696,57 @@ class TestTranscripts:
                                                                      20.0)]
 
 
+IO_MODULES = {"asyncio", "time", "socket", "alsaaudio", "websockets", "gpiozero",
+              "threading", "select", "subprocess", "datetime"}
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth, by its full name (`from a.b import c`
+    gives a.b, or a.b.c when c is a module)."""
+    tree = ast.parse(path.read_text())
+    names = {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+             for alias in n.names}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom):
+            assert n.level == 0 and n.module, f"{path.name}: a relative import"
+            for alias in n.names:
+                full = f"{n.module}.{alias.name}"
+                names.add(full if full in ("speakerd.realtime.protocol",) else n.module)
+    return names
+
+
 def test_session_module_imports_nothing_that_does_io():
-    tree = ast.parse(Path(s.__file__).read_text())
-    imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree)
-                if isinstance(n, ast.Import)}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
-                 if isinstance(n, ast.ImportFrom) and n.module}
-    assert not imported & {"asyncio", "time", "socket", "alsaaudio", "websockets", "gpiozero",
-                           "threading", "select", "subprocess", "datetime"}
-    assert imported <= {"__future__", "enum", "logging", "collections", "dataclasses",
-                        "typing", "speakerd"}
+    modules = sorted(Path(s.__file__).parent.glob("*.py"))
+    assert {m.name for m in modules} >= {"__init__.py", "events.py", "rules.py"}
+    for module in modules:
+        full = imports(module)
+        imported = {name.split(".")[0] for name in full}
+        assert not imported & IO_MODULES, module.name
+        assert imported <= {"__future__", "enum", "logging", "collections", "dataclasses",
+                            "typing", "speakerd"}, module.name
+        # Of speakerd itself, only the protocol's events and the session's own modules.
+        ours = {name for name in full if name.split(".")[0] == "speakerd"}
+        assert all(name == "speakerd.realtime.protocol" or name.startswith("speakerd.session.")
+                   for name in ours), (module.name, ours)
+    # ...and the protocol module imports nothing that does I/O either.
+    protocol = Path(p.__file__)
+    full = imports(protocol)
+    assert not {name.split(".")[0] for name in full} & IO_MODULES
+    assert {name for name in full if name.split(".")[0] == "speakerd"} <= {"speakerd.errors"}
+    assert imports(protocol.parent.parent / "errors.py") <= {"__future__"}
+    assert all(name.split(".")[0] in sys.stdlib_module_names
+               for name in full if name.split(".")[0] != "speakerd")
+
+
+def test_importing_the_session_loads_no_io_module_nor_any_other_part_of_speakerd():
+    code = ("import sys, speakerd.session; print(' '.join(sorted(m for m in sys.modules if "
+            "m.split('.')[0] in ('speakerd', 'asyncio', 'socket', 'select', 'subprocess', "
+            "'websockets', 'alsaaudio', 'gpiozero'))))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                text=True).stdout.split())
+    assert loaded <= {"speakerd", "speakerd.errors", "speakerd.realtime",
+                      "speakerd.realtime.protocol", "speakerd.session"} | {
+        f"speakerd.session.{m.stem}" for m in Path(s.__file__).parent.glob("*.py")}, loaded
 
 
 def test_strict_mode_refuses_an_input_the_table_does_not_know():
