@@ -52,17 +52,12 @@ def session_settings(c: configmod.Config) -> s.Settings:
                       transcripts=c.log.transcripts, barge_in=c.conversation.barge_in)
 
 
-WAKE_WORD_IGNORED = (s.State.CONNECTING, s.State.LISTENING)
-
-
 @dataclass(frozen=True, slots=True)
 class Step:
-    """The session took `inp` and went from `before` (holding `conv`) to `after`."""
+    """The session took an input and went from `before` to `after` (maybe the same)."""
 
     before: s.State
     after: s.State
-    inp: object
-    conv: Any
 
 
 class Daemon:
@@ -123,7 +118,7 @@ class Daemon:
         self._observers: list[Callable[[Step], None]] = [
             self._rested, self._echo_follows, self._pace_wake_word,
             lambda step: self.host.changed(),
-            lambda step: self.stats.step(step.before, step.conv, step.inp, step.after),
+            self._count_turn,
         ]
 
     # --- life ---------------------------------------------------------------------
@@ -256,7 +251,7 @@ class Daemon:
     async def _work(self) -> None:
         while True:
             inp = await self._inputs.get()
-            before, conv = self.session.state, self.session.conv
+            before = self.session.state
             try:
                 actions = self.session.handle(inp)
             except Exception:
@@ -267,16 +262,28 @@ class Daemon:
                 self._start_over()
                 self._inputs.task_done()
                 continue
-            for action in actions:
-                try:
-                    self._handlers[type(action)](action)
-                except Exception:
-                    # One failed action must not take the conversation down with it.
-                    log.exception("could not carry out %s", type(action).__name__)
-            step = Step(before, self.session.state, inp, conv)
+            self._carry_out(actions)
+            step = Step(before, self.session.state)
             for observe in self._observers:
                 observe(step)
             self._inputs.task_done()  # settled() waits for this
+
+    def _carry_out(self, actions: list[s.Action]) -> None:
+        for action in actions:
+            try:
+                self._handlers[type(action)](action)
+            except Exception:
+                # One failed action must not take the conversation down with it.
+                log.exception("could not carry out %s", type(action).__name__)
+
+    def handle_now(self, inp: object) -> None:
+        """An input that changes what the speaker shows, not where the conversation is
+        (an announcement speaking): taken at once, not behind the queue."""
+        self._carry_out(self.session.handle(inp))
+
+    def _count_turn(self, step: Step) -> None:
+        if (step.before, step.after) == (s.State.LISTENING, s.State.THINKING):
+            self.stats.turn()
 
     def _rested(self, step: Step) -> None:
         if step.after in RESTING:
@@ -292,16 +299,15 @@ class Daemon:
         self.echo.answer_playing(step.after in (s.State.RESPONDING, s.State.AUDIO_PLAYING))
 
     def _pace_wake_word(self, step: Step | None = None) -> None:
-        # While connecting and while the person speaks the session ignores the wake
-        # word: not running the models then keeps a slow Pi's capture thread up
-        # with the speech that matters. It runs again from THINKING, so it has
-        # refilled its windows by the time the answer plays and can barge in.
+        # The models rest while the session would ignore the wake word (session.rules
+        # says when, and why it pays on a slow Pi).
         if self.devices:
-            self.devices.detector.needed = self.session.state not in WAKE_WORD_IGNORED
+            self.devices.detector.needed = self.session.wake_word_needed
 
     def _start_over(self) -> None:
         muted = self.session.muted
-        self.session = s.Session(session_settings(self.config), muted=muted)
+        self.session = s.Session(session_settings(self.config), muted=muted,
+                                 announcing=self.announcer.speaking)
         self._cancel_timers()
         self.link.forget()
         if self.devices:
@@ -401,10 +407,12 @@ class Daemon:
             s.RunTool: self._run_tool,
             s.StartTimer: self._start_timer,
             s.CancelTimer: self._cancel_timer,
-            s.SetLeds: lambda a: self.host.show_leds(a.state),
+            s.SetLeds: lambda a: self.host.show_leds(a.pattern),
             # The session's part of the line; the host adds what only it knows (devices,
             # announcements, a failed reload) around the same state.
             s.SetStatus: lambda a: self.notifier.status(self.host.status_line()),
+            s.ConversationStarted: lambda a: self.stats.started(a.trigger),
+            s.ConversationEnded: lambda a: self.stats.ended(a.reason),
         }
 
     def _cue(self, a: s.PlayCue) -> None:

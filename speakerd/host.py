@@ -50,6 +50,7 @@ class Shell(Protocol):
     reload_failed: bool
 
     def press(self, button: str) -> None: ...  # as if on the GPIO
+    def handle_now(self, inp: object) -> None: ...  # the session takes it at once
     async def settled(self) -> None: ...  # every input queued so far handled
 
 
@@ -65,14 +66,12 @@ class Host:
 
     def status_line(self) -> str:
         """The unit's STATUS= line, and the control socket's `status`: a missing device
-        first, else an announcement that plays, else the session's state; then
-        " (muted)"; then a failed reload, said until a reload succeeds."""
+        first, else the session's (its state, an announcement, " (muted)"); then a
+        failed reload, said until a reload succeeds."""
         sh = self.shell
         session = sh.session
         doing = sh.devices.waiting() if sh.devices else ""
-        if not doing and sh.announcer.speaking and session.state is s.State.IDLE:
-            doing = "announcing"
-        line = s.status_text(session.state, session.muted, doing)
+        line = s.status_text(session.state, session.muted, doing) if doing else session.status
         if sh.reload_failed:
             line += "; config reload failed, old config kept"
         return line
@@ -83,18 +82,11 @@ class Host:
         self.show_leds()
 
     def show_leds(self, pattern: str | None = None) -> None:
-        """The LEDs: `pattern` is the session's, which a missing device, an announcement
-        or mute may override."""
+        """The session's pattern (`pattern`, else its current one), unless a device is
+        missing: that the session cannot know, and it shows as an error."""
         sh = self.shell
-        session = sh.session
-        if sh.devices and sh.devices.missing:
-            sh.leds.show("error")
-        elif sh.announcer.speaking and session.state is s.State.IDLE:
-            sh.leds.show("audio_playing")  # an announcement: speaking, as in an answer
-        elif session.muted and session.state is s.State.IDLE:
-            sh.leds.show("muted")
-        else:
-            sh.leds.show(pattern or session.state.value)
+        missing = bool(sh.devices and sh.devices.missing)
+        sh.leds.show("error" if missing else pattern or sh.session.leds)
 
     def changed(self) -> None:
         self._changed.set()
@@ -204,7 +196,7 @@ class Host:
 
     def speaking(self, on: bool) -> None:
         """An announcement started or stopped making sound: the LEDs and status say so."""
-        self.show()
+        self.shell.handle_now(s.AnnouncementPlaying(on))
 
 
 CONNECT_ATTEMPTS = 2  # an announcement's connection: the house waits for the reply

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ import pytest
 from speakerd import session as s
 from speakerd.realtime import protocol as p
 from speakerd.session import State
+from speakerd.session.conversation import Turn
 
 SETTINGS = s.Settings(follow_up_seconds=8.0, follow_up_guard_ms=150, max_session_seconds=600,
                       audio_margin_seconds=2.0)
@@ -273,7 +277,7 @@ class TestFailureThree:
         elif end == "shutdown":
             out = c.feed(s.EndRequested("shutdown"))
         else:
-            c.s.conv.turns.append(s._Turn("r0", {"c9"}))
+            c.s.conv.turns.append(Turn("r0", {"c9"}))
             out = c.feed(s.ToolDone("c9", "{}", end_conversation=True))
             out = [a for a in out if a[0] != "send"]
         assert out == []
@@ -692,19 +696,213 @@ class TestTranscripts:
                                                                      20.0)]
 
 
+IO_MODULES = {"asyncio", "time", "socket", "alsaaudio", "websockets", "gpiozero",
+              "threading", "select", "subprocess", "datetime"}
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports, at any depth, by its full name (`from a.b import c`
+    gives a.b, or a.b.c when c is a module)."""
+    tree = ast.parse(path.read_text())
+    names = {alias.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+             for alias in n.names}
+    for n in ast.walk(tree):
+        if isinstance(n, ast.ImportFrom):
+            assert n.level == 0 and n.module, f"{path.name}: a relative import"
+            for alias in n.names:
+                full = f"{n.module}.{alias.name}"
+                names.add(full if full in ("speakerd.realtime.protocol",) else n.module)
+    return names
+
+
 def test_session_module_imports_nothing_that_does_io():
-    tree = ast.parse(Path(s.__file__).read_text())
-    imported = {n.names[0].name.split(".")[0] for n in ast.walk(tree)
-                if isinstance(n, ast.Import)}
-    imported |= {n.module.split(".")[0] for n in ast.walk(tree)
-                 if isinstance(n, ast.ImportFrom) and n.module}
-    assert not imported & {"asyncio", "time", "socket", "alsaaudio", "websockets", "gpiozero",
-                           "threading", "select", "subprocess", "datetime"}
-    assert imported <= {"__future__", "enum", "logging", "collections", "dataclasses",
-                        "typing", "speakerd"}
+    modules = sorted(Path(s.__file__).parent.glob("*.py"))
+    assert {m.name for m in modules} >= {"__init__.py", "events.py", "rules.py"}
+    for module in modules:
+        full = imports(module)
+        imported = {name.split(".")[0] for name in full}
+        assert not imported & IO_MODULES, module.name
+        assert imported <= {"__future__", "enum", "logging", "collections", "dataclasses",
+                            "typing", "speakerd"}, module.name
+        # Of speakerd itself, only the protocol's events and the session's own modules.
+        ours = {name for name in full if name.split(".")[0] == "speakerd"}
+        assert all(name == "speakerd.realtime.protocol" or name.startswith("speakerd.session.")
+                   for name in ours), (module.name, ours)
+    # ...and the protocol module imports nothing that does I/O either.
+    protocol = Path(p.__file__)
+    full = imports(protocol)
+    assert not {name.split(".")[0] for name in full} & IO_MODULES
+    assert {name for name in full if name.split(".")[0] == "speakerd"} <= {"speakerd.errors"}
+    assert imports(protocol.parent.parent / "errors.py") <= {"__future__"}
+    assert all(name.split(".")[0] in sys.stdlib_module_names
+               for name in full if name.split(".")[0] != "speakerd")
+
+
+def test_importing_the_session_loads_no_io_module_nor_any_other_part_of_speakerd():
+    code = ("import sys, speakerd.session; print(' '.join(sorted(m for m in sys.modules if "
+            "m.split('.')[0] in ('speakerd', 'asyncio', 'socket', 'select', 'subprocess', "
+            "'websockets', 'alsaaudio', 'gpiozero'))))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                text=True).stdout.split())
+    assert loaded <= {"speakerd", "speakerd.errors", "speakerd.realtime",
+                      "speakerd.realtime.protocol", "speakerd.session"} | {
+        f"speakerd.session.{m.stem}" for m in Path(s.__file__).parent.glob("*.py")}, loaded
 
 
 def test_strict_mode_refuses_an_input_the_table_does_not_know():
     c = Conv()
     with pytest.raises(s.UnhandledInput, match="can't handle object in state idle"):
         c.s.handle(object())
+
+
+class TestTheTable:
+    def test_strict_mode_refuses_a_button_no_state_knows(self):
+        c = Conv()
+        with pytest.raises(s.UnhandledInput,
+                           match=r"can't handle ButtonPressed\(volume_up\) in state idle"):
+            c.s.handle(s.ButtonPressed("volume_up"))
+
+    def test_strict_mode_refuses_a_live_timer_its_state_does_not_list(self):
+        c = Conv()
+        c.listening()
+        c.s._timer("nap", 1.0)  # set as the session sets its own; no state expects it
+        with pytest.raises(s.UnhandledInput,
+                           match=r"can't handle TimerFired\(nap\) in state listening"):
+            c.s.handle(s.TimerFired("nap", c.s._tokens["nap"]))
+
+    def test_a_known_timer_in_a_state_that_does_not_list_it_is_refused_too(self):
+        c = Conv()
+        c.listening()
+        c.feed(p.AudioCommitted("u1"))
+        c.s._timer("mic_guard", 0.15)  # the guard belongs to LISTENING only
+        with pytest.raises(s.UnhandledInput, match=r"TimerFired\(mic_guard\) in state thinking"):
+            c.s.handle(s.TimerFired("mic_guard", c.s._tokens["mic_guard"]))
+
+    def test_in_production_an_unhandled_button_is_logged_and_changes_nothing(self, caplog):
+        c = Conv()
+        c.s.strict = False
+        c.listening()
+        assert c.feed(s.ButtonPressed("volume_up")) == []
+        assert c.s.state is State.LISTENING
+        assert "unexpected ButtonPressed(volume_up) in state listening" in caplog.text
+
+    def test_buttons_a_state_ignores_are_ignored_not_refused(self):
+        c = Conv()
+        assert c.feed(s.ButtonPressed("talk_long")) == []  # idle: nothing to end
+        c.listening()
+        assert c.feed(s.ButtonPressed("talk")) == []  # the user has the floor already
+
+    def test_a_handler_leading_where_its_entry_does_not_allow_is_caught(self, monkeypatch):
+        # What a bug looks like: the table says a wake word in IDLE leads nowhere.
+        monkeypatch.setitem(s.TABLE[State.IDLE], s.WakeWordDetected,
+                            s.Rule(s.Session._start, frozenset({State.IDLE})))
+        c = Conv()
+        with pytest.raises(s.BadTransition, match="WakeWordDetected in state idle left the "
+                           "session in connecting; the table allows only idle"):
+            c.feed(s.WakeWordDetected("hey_jarvis"))
+
+    def test_a_handler_staying_where_its_entry_wants_a_move_is_caught(self, monkeypatch):
+        monkeypatch.setitem(s.TABLE[State.LISTENING], p.SpeechStarted,
+                            s.Rule(s.Session._speech_started, frozenset({State.THINKING})))
+        c = Conv()
+        c.listening()
+        with pytest.raises(s.BadTransition, match="left the session in listening"):
+            c.feed(p.SpeechStarted("u1"))
+
+    def test_in_production_a_bad_transition_is_logged_and_carried_out(self, monkeypatch,
+                                                                      caplog):
+        monkeypatch.setitem(s.TABLE[State.IDLE], s.WakeWordDetected,
+                            s.Rule(s.Session._start, frozenset({State.IDLE})))
+        c = Conv()
+        c.s.strict = False
+        out = c.feed(s.WakeWordDetected("hey_jarvis"))
+        assert out[-1] == ("SetLeds", "connecting")  # the bookkeeping assumed it
+        assert c.s.state is State.CONNECTING
+        assert "a bug in the session's rules: WakeWordDetected in state idle" in caplog.text
+
+    def test_no_input_is_both_handled_and_ignored_and_every_entry_leads_somewhere(self):
+        for state in State:
+            assert not set(s.TABLE[state]) & set(s.IGNORED[state]), state
+            assert all(rule.next for rule in s.TABLE[state].values()), state
+
+    def test_every_button_and_timer_the_session_uses_is_in_every_states_table(self):
+        # A press or a timer never falls through: each state handles it or ignores it.
+        for state in State:
+            known = set(s.TABLE[state]) | set(s.IGNORED[state])
+            for name in ("talk", "talk_long", "mute"):
+                assert s.button(name) in known, (state, name)
+
+
+class TestWhatTheOutsideShows:
+    """The session decides the LEDs, the status line and when the wake word may rest."""
+
+    def test_the_wake_word_models_rest_while_connecting_and_listening_only(self):
+        c = Conv()
+        needed = [c.s.wake_word_needed]
+        c.feed(s.WakeWordDetected("hey_jarvis"))
+        needed.append(c.s.wake_word_needed)
+        c.feed(s.SessionReady())
+        needed.append(c.s.wake_word_needed)
+        c.feed(p.AudioCommitted("u1"))  # it runs again here, to be ready to barge in
+        needed.append(c.s.wake_word_needed)
+        c.feed(p.ResponseCreated("r1"))
+        needed.append(c.s.wake_word_needed)
+        assert needed == [True, False, False, True, True]
+
+    def test_an_announcement_while_idle_shows_speaking_and_says_so(self):
+        c = Conv()
+        out = c.s.handle(s.AnnouncementPlaying(True))
+        assert out == [s.SetLeds("audio_playing"), s.SetStatus("announcing")]
+        assert c.s.state is State.IDLE
+        assert c.s.handle(s.AnnouncementPlaying(False)) == [
+            s.SetLeds("idle"), s.SetStatus(s.status_text(State.IDLE, False))]
+
+    def test_muted_an_announcement_still_shows_speaking_then_muted_again(self):
+        c = Conv()
+        c.feed(s.ButtonPressed("mute"))
+        assert c.s.leds == "muted"
+        assert c.s.handle(s.AnnouncementPlaying(True)) == [
+            s.SetLeds("audio_playing"), s.SetStatus("announcing (muted)")]
+        assert c.s.handle(s.AnnouncementPlaying(False))[0] == s.SetLeds("muted")
+
+    def test_mute_while_an_announcement_speaks_changes_the_status_not_the_leds(self):
+        c = Conv()
+        c.s.handle(s.AnnouncementPlaying(True))
+        out = c.s.handle(s.ButtonPressed("mute"))
+        assert not [a for a in out if isinstance(a, s.SetLeds)]
+        assert s.SetStatus("announcing (muted)") in out
+
+    def test_during_a_conversation_the_leds_show_its_state_whatever_announces(self):
+        c = Conv()
+        c.listening()
+        assert c.s.handle(s.AnnouncementPlaying(True)) == []
+        assert c.s.leds == "listening"
+        c.feed(s.ButtonPressed("mute"))  # ends it: the announcement, still on, shows
+        assert c.s.state is State.IDLE and c.s.leds == "audio_playing"
+
+    def test_an_announcement_is_taken_in_every_state(self):
+        for state in State:
+            assert s.AnnouncementPlaying in s.TABLE[state], state
+
+    def test_a_session_started_over_mid_announcement_shows_it(self):
+        assert s.Session(muted=True, announcing=True).leds == "audio_playing"
+        assert s.Session(muted=True).leds == "muted"
+        assert s.Session(muted=True).status == s.status_text(State.IDLE, True)
+
+
+TABLE_FILE = Path(__file__).with_name("session_table.txt")
+REGENERATE = (""".venv/bin/python -c 'from speakerd.session import table_text; """
+              """print(table_text(), end="")' > tests/session_table.txt""")
+
+
+def test_the_transition_table_is_the_one_checked_in():
+    # A change to a transition must show as a diff in review, not hide in a handler.
+    want, got = TABLE_FILE.read_text(), s.table_text()
+    if got != want:
+        diff = "".join(difflib.unified_diff(
+            want.splitlines(keepends=True), got.splitlines(keepends=True),
+            "tests/session_table.txt", "speakerd.session.table_text()"))
+        pytest.fail(f"the session's transitions are not those checked in:\n{diff}\n"
+                    f"If the change is meant, regenerate the file (from the repository) "
+                    f"and commit it with the change:\n  {REGENERATE}",
+                    pytrace=False)

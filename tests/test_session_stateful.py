@@ -118,7 +118,7 @@ class SessionMachine(RuleBasedStateMachine):
         # 6. every state change is logged once and shown once; nothing else is.
         if before is not after:
             assert self.log.state_lines == lines_before + 1, inp
-            assert leds and leds[-1].state in (after.value, "muted"), (inp, leds)
+            assert leds and leds[-1].pattern in (after.value, "muted"), (inp, leds)
         else:
             assert self.log.state_lines == lines_before
             assert not leds or mute_toggle, (inp, leds)

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from speakerd import session as s
 from speakerd.realtime import client as clientmod
 
 
@@ -48,20 +47,23 @@ class Stats:
             logging.getLogger("speakerd").removeHandler(self._errors)
             self._errors = None
 
-    def step(self, before: s.State, conv: Any, inp: object, after: s.State) -> None:
-        """The session went from `before` (holding `conv`) to `after` on `inp`."""
-        resting = (s.State.IDLE, s.State.ERROR)
-        if before in resting and after not in resting:
-            self.conversations += 1
-            self.current = Conversation(self.conversations, _trigger(inp), time.time())
-            self.last = self.current
-        elif self.current is not None:
-            if before is s.State.LISTENING and after is s.State.THINKING:
-                self.current.turns += 1
-            if after in resting:
-                self.current.ended = time.time()
-                self.current.reason = _end_reason(conv, inp)
-                self.current = None
+    def started(self, trigger: str) -> None:
+        """A conversation began (the session's ConversationStarted)."""
+        self.conversations += 1
+        self.current = Conversation(self.conversations, trigger, time.time())
+        self.last = self.current
+
+    def turn(self) -> None:
+        """The user's speech of the current conversation was committed."""
+        if self.current is not None:
+            self.current.turns += 1
+
+    def ended(self, reason: str) -> None:
+        """The conversation is over (the session's ConversationEnded)."""
+        if self.current is not None:
+            self.current.ended = time.time()
+            self.current.reason = reason
+            self.current = None
 
     def realtime(self, event: object, ready: bool) -> None:
         """An event of the conversation's realtime client; `ready`: it had come up."""
@@ -81,30 +83,6 @@ class Stats:
             "realtime_last_failure": self.last_failure,
             "last_error": self.last_error,
         }
-
-
-def _trigger(inp: object) -> str:
-    if isinstance(inp, s.WakeWordDetected):
-        return f"wake word {inp.model}"
-    if isinstance(inp, s.ButtonPressed):
-        return f"{inp.button} button"
-    return type(inp).__name__
-
-
-def _end_reason(conv: Any, inp: object) -> str:
-    if conv is not None and (conv.error or conv.end):
-        return str(conv.error or conv.end)
-    if isinstance(inp, s.TimerFired):
-        return {"follow_up": "no follow-up", "session": "maximum session length"}.get(
-            inp.name, f"timer {inp.name}")
-    if isinstance(inp, s.ButtonPressed):
-        return {"talk_long": "talk button held", "mute": "muted"}.get(
-            inp.button, f"{inp.button} button")
-    if isinstance(inp, s.EndRequested):
-        return inp.reason
-    if isinstance(inp, s.ToolDone) and inp.end_conversation:
-        return "end_conversation tool"
-    return type(inp).__name__
 
 
 class _LastError(logging.Handler):
