@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from speakerd import __version__
@@ -22,7 +19,6 @@ from speakerd.audio.echo import VoiceOnset
 from speakerd.audio.echo.wiring import EchoWiring
 from speakerd.buttons import Buttons
 from speakerd.control import server as controlmod
-from speakerd.control.client import ENV as CONTROL_ENV
 from speakerd.control.stats import Stats
 from speakerd.devices import Devices, PlaybackGain
 from speakerd.errors import EX_SOFTWARE, ConfigError
@@ -30,8 +26,8 @@ from speakerd.host import Host
 from speakerd.leds import Leds
 from speakerd.link import Link
 from speakerd.notify import Notifier
-from speakerd.phrase_cache import PhraseCache
 from speakerd.sounds import Sounds, is_aside
+from speakerd.statedir import StateDir
 from speakerd.tools import Registry
 from speakerd.tools import timers as timermod
 from speakerd.tools import volume as volmod
@@ -52,14 +48,6 @@ def session_settings(c: configmod.Config) -> s.Settings:
                       transcripts=c.log.transcripts, barge_in=c.conversation.barge_in)
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
-    """The session took an input and went from `before` to `after` (maybe the same)."""
-
-    before: s.State
-    after: s.State
-
-
 class Daemon:
     """Owns the loop's state. `await run()` returns the process exit code.
 
@@ -77,14 +65,9 @@ class Daemon:
         self.redact = redact
         self.api_key = api_key
         self.pin_factory = pin_factory
-        # systemd's StateDirectory=; by hand, mute is simply not remembered.
-        state = state_dir or os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-        self.mute_file = Path(state) / "muted" if state else None
-        # The phrases in the assistant's voice; by hand (no state directory), none.
-        self.phrase_cache = PhraseCache(Path(state) / "phrases") if state else None
-        muted = bool(config.buttons.remember_mute and self.mute_file
-                     and self.mute_file.exists())
-        self.session = s.Session(session_settings(config), muted=muted)
+        self.statedir = StateDir(state_dir)
+        self.session = s.Session(session_settings(config),
+                                 muted=config.buttons.remember_mute and self.statedir.muted)
         self.volume = volmod.Volume(config.audio.mixer_control, volmod.mixer_device_for(
             config.audio.playback_device, config.audio.mixer_device),
             PlaybackGain(lambda: self.devices, config.audio.playback_volume))
@@ -113,13 +96,9 @@ class Daemon:
         self.control: controlmod.ControlServer | None = None
         self.host = Host(self)
         self.announcer = Announcer(self.host, spawn=self._spawn)
-        self._handlers: dict[type, Callable[[Any], object]] = {}  # made in run()
-        # What each feature does after a step of the session, in this order.
-        self._observers: list[Callable[[Step], None]] = [
-            self._rested, self._echo_follows, self._pace_wake_word,
-            lambda step: self.host.changed(),
-            self._count_turn,
-        ]
+        # Made in run(): what carries out each action, what follows each step.
+        self._handlers: dict[type, Callable[[Any], object]] = {}
+        self._observers: list[Callable[[s.Step], object]] = []
 
     # --- life ---------------------------------------------------------------------
 
@@ -131,7 +110,12 @@ class Daemon:
             on_drained=self._drained, on_flushed=self._flushed, on_change=self.host.show,
             on_failed=self._thread_failed, listening=not self.session.muted)
         self._handlers = self._action_table(devices)
-        self.echo = EchoWiring(devices.capture, devices.playback)
+        echo = self.echo = EchoWiring(devices.capture, devices.playback)
+        # What each feature does after a step of the session, in this order.
+        self._observers = [self._rested,
+                           lambda step: echo.follow(not step.resting, step.answering),
+                           devices.follow, lambda step: self.host.changed(),
+                           self.stats.follow]
         self._configure()
         for sig, why in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")):
             loop.add_signal_handler(sig, self.request_stop, why)
@@ -144,9 +128,9 @@ class Daemon:
         self.host.show_leds()
         self._spawn(timermod.run(self.timers, self.ringer, self._timers_changed), "timers")
         worker = self._spawn(self._work(), "session")
-        await self._start_control()
+        self.control = await controlmod.serve(self.host, self.control_path, self._spawn)
         self._log_startup()
-        self.sounds = self.link.sounds = Sounds(devices.playback, self.phrase_cache,
+        self.sounds = self.link.sounds = Sounds(devices.playback, self.statedir.phrases,
                                                 spawn=self._spawn)
         self.sounds.configure(self.config)  # after the start line: espeak-ng runs
         self.notifier.ready(self.host.status_line())
@@ -263,7 +247,7 @@ class Daemon:
                 self._inputs.task_done()
                 continue
             self._carry_out(actions)
-            step = Step(before, self.session.state)
+            step = s.Step(before, self.session.state, self.session.wake_word_needed)
             for observe in self._observers:
                 observe(step)
             self._inputs.task_done()  # settled() waits for this
@@ -281,28 +265,9 @@ class Daemon:
         (an announcement speaking): taken at once, not behind the queue."""
         self._carry_out(self.session.handle(inp))
 
-    def _count_turn(self, step: Step) -> None:
-        if (step.before, step.after) == (s.State.LISTENING, s.State.THINKING):
-            self.stats.turn()
-
-    def _rested(self, step: Step) -> None:
-        if step.after in RESTING:
+    def _rested(self, step: s.Step) -> None:
+        if step.resting:
             self._idle.set()
-
-    def _echo_follows(self, step: Step) -> None:
-        if not self.echo:
-            return
-        if step.after in RESTING:
-            self.echo.conversation(False)
-        elif step.before in RESTING:
-            self.echo.conversation(True)
-        self.echo.answer_playing(step.after in (s.State.RESPONDING, s.State.AUDIO_PLAYING))
-
-    def _pace_wake_word(self, step: Step | None = None) -> None:
-        # The models rest while the session would ignore the wake word (session.rules
-        # says when, and why it pays on a slow Pi).
-        if self.devices:
-            self.devices.detector.needed = self.session.wake_word_needed
 
     def _start_over(self) -> None:
         muted = self.session.muted
@@ -315,7 +280,8 @@ class Daemon:
             self.devices.capture.stream(False)
         if self.echo:
             self.echo.conversation(False)
-        self._pace_wake_word()
+        if self.devices:
+            self.devices.detector.needed = self.session.wake_word_needed
         self.host.show()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
@@ -411,7 +377,7 @@ class Daemon:
             # The session's part of the line; the host adds what only it knows (devices,
             # announcements, a failed reload) around the same state.
             s.SetStatus: lambda a: self.notifier.status(self.host.status_line()),
-            s.ConversationStarted: lambda a: self.stats.started(a.trigger),
+            s.ConversationStarted: lambda a: self.stats.began(a.trigger),
             s.ConversationEnded: lambda a: self.stats.ended(a.reason),
         }
 
@@ -422,19 +388,8 @@ class Daemon:
     def _set_wake_word(self, a: s.SetWakeWord) -> None:
         assert self.devices
         self.devices.detector.enabled = a.enabled
-        # Mute is remembered across restarts where the config asks it to be.
-        if self.config.buttons.remember_mute and self.mute_file:
-            try:
-                if a.enabled:
-                    self.mute_file.unlink(missing_ok=True)
-                else:
-                    self.mute_file.touch()
-            except OSError as e:
-                log.warning("could not remember the mute state in %s: %s", self.mute_file, e)
-
-    def _reset_wake_word(self, a: s.ResetWakeWord) -> None:
-        assert self.devices
-        self.devices.detector.reset()
+        if self.config.buttons.remember_mute:
+            self.statedir.remember_mute(not a.enabled)
 
     def _run_tool(self, a: s.RunTool) -> None:
         async def run() -> None:
@@ -473,21 +428,6 @@ class Daemon:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
-
-    async def _start_control(self) -> None:
-        """Listen on the control socket, if there is to be one; a speaker that cannot be
-        controlled still speaks, so a path it cannot use is an error, not the end."""
-        if not self.control_path:
-            log.info("no control socket: run under the unit ($RUNTIME_DIRECTORY), or "
-                     "give --control PATH or $%s", CONTROL_ENV)
-            return
-        control = controlmod.ControlServer(self.host, self.control_path, spawn=self._spawn)
-        try:
-            await control.start()
-        except OSError as e:
-            log.error("no control socket: cannot listen on %s: %s", self.control_path, e)
-            return
-        self.control = control
 
     def _log_startup(self) -> None:
         c = self.config

@@ -17,6 +17,7 @@ from speakerd.audio import levels as levelsmod
 from speakerd.audio import playback as pbmod
 from speakerd.config import Config
 from speakerd.errors import UnavailableError
+from speakerd.session import Step
 from speakerd.wakeword import Detector
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,11 @@ class Devices:
     def stop(self) -> None:
         self.capture.stop()
         self.playback.stop()
+
+    def follow(self, step: Step) -> None:
+        """After each input: the models rest while the session would ignore the wake
+        word (session.rules says when, and why it pays on a slow Pi)."""
+        self.detector.needed = step.wake_word_needed
 
     def _thread(self, what: str) -> capmod.Capture | pbmod.Playback:
         return self.capture if what == MICROPHONE else self.playback

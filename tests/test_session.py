@@ -43,6 +43,8 @@ def brief(actions: list[object]) -> list[tuple]:
                 out.append(("play", rid, len(data) // 48))
             case s.SetStatus():
                 continue  # its text is for people; SetLeds carries the state
+            case s.ConversationStarted() | s.ConversationEnded():
+                continue  # for the record: TestRecord checks them
             case _:
                 out.append((type(a).__name__, *tuple(getattr(a, f) for f in a.__slots__)))
     return out
@@ -906,3 +908,36 @@ def test_the_transition_table_is_the_one_checked_in():
                     f"If the change is meant, regenerate the file (from the repository) "
                     f"and commit it with the change:\n  {REGENERATE}",
                     pytrace=False)
+
+
+class TestRecord:
+    """What the control socket's status records of each conversation comes from the
+    session itself: what started it, and why it ended."""
+
+    def record(self, c: Conv, inp: object) -> list[tuple[str, int, str]]:
+        return [(type(a).__name__, a.number, getattr(a, "trigger", getattr(a, "reason", "")))
+                for a in c.s.handle(inp)
+                if isinstance(a, (s.ConversationStarted, s.ConversationEnded))]
+
+    def test_started_by_the_wake_word_and_over_with_no_follow_up(self) -> None:
+        c = Conv()
+        assert self.record(c, s.WakeWordDetected("hey_jarvis", 40)) == [
+            ("ConversationStarted", 1, "wake word hey_jarvis")]
+        c.feed(s.SessionReady())
+        assert self.record(c, s.TimerFired("follow_up", c.timers["follow_up"])) == [
+            ("ConversationEnded", 1, "no follow-up")]
+
+    def test_an_unrecoverable_error_is_the_reason(self) -> None:
+        c = Conv()
+        assert self.record(c, s.ButtonPressed("talk")) == [
+            ("ConversationStarted", 1, "talk button")]
+        ended = self.record(c, s.Disconnected("refused", unrecoverable=True))
+        assert len(ended) == 1 and ended[0][:2] == ("ConversationEnded", 1)
+        assert "refused" in ended[0][2]
+
+    def test_an_end_asked_for_during_the_answer_is_the_reason_after_the_drain(self) -> None:
+        c = Conv()
+        c.playing("r1", 2000)
+        assert self.record(c, s.ButtonPressed("talk_long")) == []
+        assert self.record(c, s.PlaybackDrained("r1")) == [
+            ("ConversationEnded", 1, "talk button held")]

@@ -315,3 +315,19 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
+async def serve(host: Host, path: str | None,
+                spawn: Callable[[Coroutine[Any, Any, None], str], object]
+                ) -> ControlServer | None:
+    """Listen on `path`, if there is to be a socket; a speaker that cannot be controlled
+    still speaks, so a path it cannot use is an error, not the end."""
+    if not path:
+        log.info("no control socket: run under the unit ($RUNTIME_DIRECTORY), or give "
+                 "--control PATH or $%s", ENV)
+        return None
+    control = ControlServer(host, path, spawn=spawn)
+    try:
+        await control.start()
+    except OSError as e:
+        log.error("no control socket: cannot listen on %s: %s", path, e)
+        return None
+    return control

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from speakerd.realtime import client as clientmod
+from speakerd.session import State, Step
 
 
 @dataclass
@@ -47,15 +48,16 @@ class Stats:
             logging.getLogger("speakerd").removeHandler(self._errors)
             self._errors = None
 
-    def started(self, trigger: str) -> None:
+    def began(self, trigger: str) -> None:
         """A conversation began (the session's ConversationStarted)."""
         self.conversations += 1
         self.current = Conversation(self.conversations, trigger, time.time())
         self.last = self.current
 
-    def turn(self) -> None:
-        """The user's speech of the current conversation was committed."""
-        if self.current is not None:
+    def follow(self, step: Step) -> None:
+        """After each input: a turn is the user's speech committed."""
+        if self.current is not None and (step.before, step.after) == (State.LISTENING,
+                                                                      State.THINKING):
             self.current.turns += 1
 
     def ended(self, reason: str) -> None:

@@ -34,6 +34,7 @@ from speakerd.session.events import (
     SetWakeWord,
     StartTimer,
     State,
+    Step,
     StreamMic,
     TimerFired,
     ToolDone,
@@ -63,7 +64,7 @@ __all__ = [
     "Disconnected", "EndRequested", "FinishAudio", "FlushPlayback", "Kind", "PlayAudio",
     "PlayCue", "PlaybackDrained", "PlaybackFlushed", "ResetWakeWord", "Rule", "RunTool",
     "SayPhrase", "Send", "Session", "SessionReady", "SetLeds", "SetStatus", "SetWakeWord",
-    "Settings", "StartTimer", "State", "StreamMic", "TimerFired", "ToolDone",
+    "Settings", "StartTimer", "State", "Step", "StreamMic", "TimerFired", "ToolDone",
     "UnhandledInput", "VoiceHeard", "WakeWordDetected", "button", "kind_of", "status_text",
     "table_text", "timer",
 ]

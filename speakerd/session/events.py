@@ -203,6 +203,24 @@ class ConversationEnded:
     reason: str  # "no follow-up", "end_conversation tool", what went wrong, ...
 
 
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What observers of the session are told after each input: it went from `before`
+    to `after` (maybe the same), and whether the wake word is wanted now."""
+
+    before: State
+    after: State
+    wake_word_needed: bool = True
+
+    @property
+    def resting(self) -> bool:
+        return self.after in (State.IDLE, State.ERROR)
+
+    @property
+    def answering(self) -> bool:
+        return self.after in (State.RESPONDING, State.AUDIO_PLAYING)
+
+
 Action = (Connect | CloseConnection | Send | PlayAudio | FinishAudio | FlushPlayback | PlayCue
           | SayPhrase | StreamMic | SetWakeWord | ResetWakeWord | RunTool | StartTimer | CancelTimer
           | SetLeds | SetStatus | ConversationStarted | ConversationEnded)

@@ -23,9 +23,9 @@ class _Settings(Protocol):
 
 
 class EchoWiring:
-    """`configure(...)` at start-up and on SIGHUP; `conversation(open)` as one opens and
-    ends; `answer_playing(on)` as an answer starts and stops playing; `log(what)` at
-    each answer's end."""
+    """`configure(...)` at start-up and on SIGHUP; after each input `follow(open,
+    answering)` (or `conversation(open)`, `answer_playing(on)`); `log(what)` at each
+    answer's end."""
 
     def __init__(self, capture: Capture, playback: Playback) -> None:
         self.capture = capture
@@ -42,6 +42,11 @@ class EchoWiring:
         self._voice = barge_in == "voice"
         if self._software and self.canceller is None:
             self.canceller = EchoCanceller()
+
+    def follow(self, open_: bool, answering: bool) -> None:
+        """After each input: is a conversation open, and an answer playing?"""
+        self.conversation(open_)
+        self.answer_playing(answering)
 
     def conversation(self, open_: bool) -> None:
         """While a conversation is open, the capture thread cancels the echo and (with
