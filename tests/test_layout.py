@@ -41,6 +41,23 @@ def test_no_module_but_the_cli_imports_the_daemon() -> None:
     assert offenders == []
 
 
+def test_no_module_reaches_for_another_ones_private_names() -> None:
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        aliases = {a.asname or a.name for node in ast.walk(tree)
+                   if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                       "speakerd") for a in node.names}
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.ImportFrom)
+                     and (node.module or "").startswith("speakerd") else
+                     [node.attr] if isinstance(node, ast.Attribute)
+                     and isinstance(node.value, ast.Name) and node.value.id in aliases else [])
+            if any(n.startswith("_") and not n.startswith("__") for n in names):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert offenders == []
+
+
 def test_the_modules_are_small() -> None:
     # A module that outgrows this holds two jobs (STYLE.md, DESIGN.md's map).
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
