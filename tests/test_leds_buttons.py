@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import subprocess
 import threading
@@ -130,7 +131,8 @@ class TestPatterns:
         leds = Leds(LedsConfig(RGB, True, {}))  # this machine has no GPIO at all
         assert leds.device is None
         leds.show("listening")
-        lines = [r.getMessage() for r in caplog.records if r.name == "speakerd.leds"]
+        lines = [r.getMessage() for r in caplog.records
+                 if r.name == "speakerd.leds" and r.levelno >= logging.INFO]
         assert lines == ["LEDs on GPIO red 17, green 27, blue 22 are off: no GPIO access "
                          "here (BadPinFactory: Unable to load any default pin factory!); "
                          "speakerd runs on without them"]
@@ -342,7 +344,8 @@ class TestRingFraming:
         leds.show("muted")
         assert wire.wait(1) == [(RED_PX,) * 3]
         leds.close()
-        lines = [r.getMessage() for r in caplog.records if r.name == "speakerd.leds"]
+        lines = [r.getMessage() for r in caplog.records
+                 if r.name == "speakerd.leds" and r.levelno >= logging.INFO]
         assert lines == ["LED ring (3 APA102 pixels on SPI 0.1): no hardware SPI here "
                          "(failed to initialize hardware SPI, falling back to software "
                          "(error was: failed to import spidev)); clocking the pixels out "
@@ -353,7 +356,8 @@ class TestRingFraming:
         assert leds.device is None
         leds.show("thinking")
         leds.close()
-        lines = [r.getMessage() for r in caplog.records if r.name == "speakerd.leds"]
+        lines = [r.getMessage() for r in caplog.records
+                 if r.name == "speakerd.leds" and r.levelno >= logging.INFO]
         assert lines == ["LED ring (12 APA102 pixels on SPI 0.1, power GPIO 5) is off: no "
                          "GPIO access here (BadPinFactory: Unable to load any default pin "
                          "factory!); speakerd runs on without it"]
