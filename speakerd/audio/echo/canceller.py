@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from speakerd.audio import resample, speex_echo
-from speakerd.audio.echo.delay import SINC_TAPS, SPEEX_LEAD, EchoDelay, fractional_delay
+from speakerd.audio.echo.delay import SINC_TAPS, EchoDelay, fractional_delay
 from speakerd.audio.echo.reference import (
     ACTIVE_DBFS,
     RATE,
@@ -63,9 +63,6 @@ SPEEX_TAIL = 3200  # 200 ms
 # shift it re-learns the little that moved: no barge-in meanwhile.
 RESUME_FRAMES = 4
 SHIFT_FRAMES = 20
-# How far the echo may slip from where the filter expects it before anyone notices:
-# a playback or capture clock reading is taken as jitter up to 30 ms.
-ECHO_SLIP = 480
 
 
 # Why voice barge-in waited over a frame of echo, most basic first.
@@ -310,8 +307,7 @@ class EchoCanceller:
         talk = self.talk
         held = (TOO_LITTLE if talk.ratio >= talk.adapted else LEARNING if not talk.armed
                 else RELEARNING if talk.relearning else None)
-        onset = talk.update(mic, linear, echo=True, could_be=self._echo_bound(recent, head, n),
-                            playing=dbfs(ref) > ACTIVE_DBFS)
+        onset = talk.update(mic, linear, echo=True, playing=dbfs(ref) > ACTIVE_DBFS)
         self._count(held)
         if onset:
             t = self.talk
@@ -320,20 +316,6 @@ class EchoCanceller:
                       "%.0f ms behind", t.onset_db, t.ratio, t.correlation,
                       self.delay.lag_ms or 0.0)
         return onset
-
-    @staticmethod
-    def _echo_bound(recent: np.ndarray, head: int, n: int) -> np.ndarray:
-        """Per 10 ms piece of the frame, the loudest the reference played anywhere its
-        echo could come from (dB): where the filter expects it (SPEEX_LEAD before), and
-        ECHO_SLIP either side of that, for an echo that slipped unnoticed."""
-        sub = TalkOver.SUB
-        usable = recent[:recent.size - recent.size % sub]
-        power = np.mean(np.square(usable.reshape(-1, sub), dtype=np.float64), axis=1)
-        level = 10 * np.log10(np.maximum(power, 1e-20))
-        slip = ECHO_SLIP // sub
-        first = (head - SPEEX_LEAD) // sub  # where the first piece's echo comes from
-        return np.array([level[max(0, first + j - slip):first + j + slip + 1].max()
-                         for j in range(n // sub)])
 
     def take_stats(self) -> EchoStats | None:
         """What the canceller did since the last call; None if the speaker played

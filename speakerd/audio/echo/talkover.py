@@ -37,9 +37,13 @@ class TalkOver:
       the prediction shifted by a little: what a fit of the residual on the
       prediction shifted by up to `SHIFTS` samples either way explains (`max_fit` of
       the residual's power, and too little left over it to be a voice; or `sure_fit`);
-    - a reverberation it has wrong: where the echo falls quiet it leaves more than
-      there was at the microphone, which a voice never does: such pieces are not
-      voiced.
+    - the echo slipped further (a gap the playback clock took for jitter, a sound
+      server that started late): what it leaves is the echo and its own misplaced
+      estimate, uncorrelated at that distance and as loud as the microphone, and where
+      the echo falls quiet, louder: `ADDED_PIECES` pieces of the window where it left
+      more than there was at the microphone, which a voice over a filter that has the
+      echo never makes. (A reverberation it has wrong does the same: such pieces are
+      never voiced themselves.)
     Once such a candidate is explained, the filter is known to leave more than it
     learned: `ratio` rises to what it left then and learns down again as the filter
     relearns, instead of the detector hearing the same misfit a frame later. And after
@@ -49,10 +53,10 @@ class TalkOver:
     SUB = 160
     RESUME_DB = -20.0
     SHIFTS = 8
-    LOUD_DB = -3.0  # a candidate the filter left this much of (median, re the mic)
-    LOUDER_DB = 3.0  # needs the microphone this much above what the echo alone gives
-    LOUDER_PIECES = 3  # in this many of its pieces
-    ACTIVE_DB = -50.0  # a reference quieter than this says nothing of the echo's gain
+    # Pieces of a window where the filter left more than there was at the microphone
+    # (by over 1 dB): a filter that has lost the echo adds its misplaced estimate to
+    # it; over a filter that has the echo, a voice never does (none in any test voice).
+    ADDED_PIECES = 2
 
     def __init__(self, *, margin_db: float = 13.0, adapted_db: float = -15.0,
                  min_voiced_ms: int = 100, min_span_ms: int = 150, window_ms: int = 300,
@@ -85,10 +89,6 @@ class TalkOver:
         self.hangover = hangover_ms // 10
         self.floor = floor_dbfs
         self.ratio = 0.0  # dB of residual over microphone, on echo alone
-        # The most the microphone takes of the loudest reference near its echo (dB):
-        # the echo path's gain, followed up at once and down by 1 dB a second.
-        self.echo_gain = -60.0
-        self._above: collections.deque[tuple[int, float]] = collections.deque()
         self._arm = arm_ms // 10
         self._learned = 0  # pieces of echo with the filter adapted
         self._trusted = False  # an answer it learned on has ended
@@ -127,7 +127,6 @@ class TalkOver:
         self._recent.clear()
         self._ratios.clear()
         self._excess.clear()
-        self._above.clear()
 
     def _explained(self) -> bool:
         """Is what the filter left its own echo estimate, scaled or moved a little?"""
@@ -159,19 +158,18 @@ class TalkOver:
         coef, *_ = np.linalg.lstsq(shifted, left, rcond=None)
         rest = left - shifted @ coef
         self.fit = 1.0 - float(np.dot(rest, rest)) / max(float(np.dot(left, left)), 1e-20)
-        mic = left + now
+        mic = (self._history[0] + self._history[1])[rows].astype(np.float64)
         still = sum(dbfs(rest[i:i + self.SUB]) - dbfs(mic[i:i + self.SUB])
                     > self.ratio + self.margin for i in range(0, rest.size, self.SUB))
-        # A filter that leaves about all of the microphone has met a voice louder than
-        # the echo, and then the microphone is louder than the echo alone ever makes it,
-        # or it has lost the echo: it slipped by more than SHIFTS (a gap the playback
-        # clock took for jitter), and what it leaves is the echo and its own misplaced
-        # estimate, uncorrelated at that distance.
-        louder = sum(a > self.LOUDER_DB for p, a in self._above if p in voiced)
-        lost = self.onset_db > self.LOUD_DB and bool(self._above) and \
-            louder < self.LOUDER_PIECES
+        # A filter that has lost the echo (it slipped by more than SHIFTS: a gap the
+        # playback clock took for jitter, a sound server that started late) leaves the
+        # echo and its own misplaced estimate, uncorrelated at that distance and as loud
+        # as the microphone; where the echo is quiet, louder than the microphone.
+        added = sum(1 for piece, r in self._ratios
+                    if piece > self._piece - self.window and r > 1.0)
         explained = (self.correlation > self.max_correlation or self.fit > self.sure_fit
-                     or (self.fit > self.max_fit and still < self.min_voiced) or lost)
+                     or (self.fit > self.max_fit and still < self.min_voiced)
+                     or added >= self.ADDED_PIECES)
         if explained:
             self.explained += 1
             if self.onset_db > self.ratio:
@@ -201,15 +199,14 @@ class TalkOver:
             self.closest = max(self.closest, level)
 
     def update(self, mic: np.ndarray, left: np.ndarray, *, echo: bool,
-               could_be: np.ndarray | None = None, playing: bool = True) -> bool:
+               playing: bool = True) -> bool:
         """`mic` and what the filter `left` of it; `echo`: the speaker played within
-        the last half second; `could_be`: per 10 ms piece, the loudest reference (dB)
-        its echo could come from; `playing`: the speaker plays into this very frame
+        the last half second; `playing`: the speaker plays into this very frame
         (not only its tail), so what comes close to a voice is echo alone and counts
         towards `closest`. -> True on the frame where a voice is first heard."""
         onset = False
         self._keep(mic, left)
-        for j, i in enumerate(range(0, mic.size - self.SUB + 1, self.SUB)):
+        for i in range(0, mic.size - self.SUB + 1, self.SUB):
             self._piece += 1
             m = dbfs(mic[i:i + self.SUB])
             x = dbfs(left[i:i + self.SUB])
@@ -223,13 +220,6 @@ class TalkOver:
                 # A voice adds to the microphone: a piece louder after the filter than
                 # before is the filter's own misfit.
                 voice = voiced and self.ratio + self.margin < r < 1.0
-                if could_be is not None:
-                    # How much louder the microphone is than the echo alone could make it.
-                    self._above.append((self._piece, m - could_be[j] - self.echo_gain))
-                    while self._above[0][0] <= self._piece - self.window:
-                        self._above.popleft()
-                    if not voice and could_be[j] > self.ACTIVE_DB:
-                        self.echo_gain = max(self.echo_gain - 0.01, m - could_be[j])
                 self._ratios.append((self._piece, r))
                 while self._ratios[0][0] <= self._piece - 130:
                     self._ratios.popleft()
